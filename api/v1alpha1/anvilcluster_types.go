@@ -134,5 +134,5 @@ type AnvilClusterTemplateList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&AnvilCluster{}, &AnvilClusterList{}, &AnvilClusterTemplate{}, &AnvilClusterTemplateList{})
+	objectTypes = append(objectTypes, &AnvilCluster{}, &AnvilClusterList{}, &AnvilClusterTemplate{}, &AnvilClusterTemplateList{})
 }

@@ -502,5 +502,5 @@ type AnvilHostList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&AnvilHost{}, &AnvilHostList{})
+	objectTypes = append(objectTypes, &AnvilHost{}, &AnvilHostList{})
 }

@@ -179,5 +179,5 @@ type AnvilMachineTemplateList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&AnvilMachine{}, &AnvilMachineList{}, &AnvilMachineTemplate{}, &AnvilMachineTemplateList{})
+	objectTypes = append(objectTypes, &AnvilMachine{}, &AnvilMachineList{}, &AnvilMachineTemplate{}, &AnvilMachineTemplateList{})
 }

@@ -121,6 +121,6 @@ type AnvilRemediationTemplateList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&AnvilRemediation{}, &AnvilRemediationList{},
+	objectTypes = append(objectTypes, &AnvilRemediation{}, &AnvilRemediationList{},
 		&AnvilRemediationTemplate{}, &AnvilRemediationTemplateList{})
 }

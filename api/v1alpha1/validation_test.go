@@ -314,7 +314,7 @@ func TestClusterAndRemediationValidation(t *testing.T) {
 	if err := env.Client.Create(ctx, r); err != nil {
 		t.Fatal(err)
 	}
-	if r.Spec.RetryLimit != 1 || r.Spec.Timeout == nil || r.Spec.Timeout.Duration.Minutes() != 10 {
+	if r.Spec.RetryLimit != 1 || r.Spec.Timeout == nil || r.Spec.Timeout.Minutes() != 10 {
 		t.Errorf("remediation defaults: retryLimit=%d timeout=%v", r.Spec.RetryLimit, r.Spec.Timeout)
 	}
 }
