@@ -5,29 +5,40 @@ package main
 import (
 	"flag"
 	"os"
+	"time"
 
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 )
 
 // options are the manager's command-line settings.
 type options struct {
-	metricsAddr    string
-	probeAddr      string
-	leaderElect    bool
-	watchNamespace string
-	webhookPort    int
-	webhookCertDir string
-	zapOptions     zap.Options
+	metricsAddr       string
+	probeAddr         string
+	leaderElect       bool
+	watchNamespace    string
+	watchFilterValue  string
+	webhookPort       int
+	webhookCertDir    string
+	hostConcurrency   int
+	bmcMaxConcurrent  int
+	bmcTimeout        time.Duration
+	powerSyncInterval time.Duration
+	zapOptions        zap.Options
 }
 
 func parseFlags(args []string) (options, error) {
@@ -37,6 +48,11 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.probeAddr, "health-probe-bind-address", ":9440", "Address the health and readiness probes bind to.")
 	fs.BoolVar(&o.leaderElect, "leader-elect", true, "Elect a leader so only one replica reconciles.")
 	fs.StringVar(&o.watchNamespace, "namespace", "", "Watch only this namespace (default: all).")
+	fs.StringVar(&o.watchFilterValue, "watch-filter", "", "Reconcile only objects labelled cluster.x-k8s.io/watch-filter with this value.")
+	fs.IntVar(&o.hostConcurrency, "anvilhost-concurrency", 50, "AnvilHosts reconciled at once (BMC calls are further capped by --bmc-max-concurrency).")
+	fs.IntVar(&o.bmcMaxConcurrent, "bmc-max-concurrency", 20, "BMC operations in flight at once across all BMCs.")
+	fs.DurationVar(&o.bmcTimeout, "bmc-timeout", 30*time.Second, "Timeout of each BMC call.")
+	fs.DurationVar(&o.powerSyncInterval, "power-sync-interval", 120*time.Second, "How often each host's power state is read (±10 % jitter).")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
 	o.zapOptions.BindFlags(fs)
@@ -84,8 +100,30 @@ func main() {
 		os.Exit(1)
 	}
 
+	ctx := ctrl.SetupSignalHandler()
+	pool := bmc.NewPool(bmc.PoolOptions{MaxConcurrent: o.bmcMaxConcurrent, CallTimeout: o.bmcTimeout,
+		Metrics: bmc.NewMetrics(ctrlmetrics.Registry)})
+	if err := mgr.Add(pool); err != nil {
+		setupLog.Error(err, "adding BMC pool")
+		os.Exit(1)
+	}
+	ctrlmetrics.Registry.MustRegister(controllers.NewHostStateCollector(mgr.GetClient()))
+	hosts := &controllers.AnvilHostReconciler{
+		Client:   mgr.GetClient(),
+		Recorder: mgr.GetEventRecorder("anvilhost-controller"),
+		Pool:     pool,
+		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: hoststate.Simulated{},
+			PowerSyncInterval: o.powerSyncInterval},
+		BMCTimeout:       o.bmcTimeout,
+		WatchFilterValue: o.watchFilterValue,
+	}
+	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: o.hostConcurrency}); err != nil {
+		setupLog.Error(err, "setting up the AnvilHost controller")
+		os.Exit(1)
+	}
+
 	setupLog.Info("starting manager")
-	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+	if err := mgr.Start(ctx); err != nil {
 		setupLog.Error(err, "running manager")
 		os.Exit(1)
 	}

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -24,10 +23,11 @@ import (
 // spends about ten seconds discovering one on each invocation.
 const IPMICipherSuite = "3"
 
-// Provider names in bmclib's registry.
+// Driver names in bmclib's registry. Registry.For keeps exactly one: Using("redfish") would
+// also keep the Dell, Supermicro and OpenBMC drivers, and bmclib would try each in turn.
 const (
-	providerGofish   = "gofish"
-	providerIpmitool = "ipmitool"
+	driverGofish   = "gofish"
+	driverIpmitool = "ipmitool"
 )
 
 // DialBMCLib opens a session through bmclib/v2: Redfish through its gofish provider, IPMI
@@ -42,10 +42,10 @@ func DialBMCLib(ctx context.Context, t Target) (Client, error) {
 		bmclib.WithPerProviderTimeout(t.Timeout),
 	}
 	host := t.Address.Host
-	provider := providerIpmitool
+	driver := driverIpmitool
 	switch t.Address.Protocol {
 	case Redfish:
-		provider = providerGofish
+		driver = driverGofish
 		// bmclib prefixes https:// unless told otherwise; the port travels separately.
 		scheme := "https://"
 		if !t.Address.HTTPS {
@@ -56,9 +56,6 @@ func DialBMCLib(ctx context.Context, t Target) (Client, error) {
 			bmclib.WithHTTPClient(newHTTPClient(t)),
 			bmclib.WithRedfishPort(strconv.Itoa(t.Address.Port)),
 		)
-		if t.Address.SystemPath != "" {
-			opts = append(opts, bmclib.WithRedfishSystemName(path.Base(t.Address.SystemPath)))
-		}
 	case IPMI:
 		opts = append(opts,
 			bmclib.WithIpmitoolPort(strconv.Itoa(t.Address.Port)),
@@ -69,7 +66,7 @@ func DialBMCLib(ctx context.Context, t Target) (Client, error) {
 	}
 
 	c := bmclib.NewClient(host, t.Username, t.Password, opts...)
-	c.Registry.Drivers = c.Registry.Using(provider)
+	c.Registry.Drivers = c.Registry.For(driver)
 	openCtx, cancel := context.WithTimeout(ctx, t.Timeout)
 	defer cancel()
 	if err := c.Open(openCtx); err != nil {
@@ -178,11 +175,7 @@ func (b *bmclibClient) Inventory(ctx context.Context) (*infrav1.HardwareInventor
 		// bmclib's ipmitool provider has no inventory: read the FRU ourselves.
 		return ipmiFRUInventory(ctx, b.target)
 	}
-	dev, err := b.c.Inventory(ctx)
-	if err != nil {
-		return nil, b.err(err)
-	}
-	return inventoryFromDevice(dev), nil
+	return redfishInventory(ctx, b.target)
 }
 
 func (b *bmclibClient) InsertVirtualMedia(ctx context.Context, url string) error {

@@ -1,0 +1,242 @@
+package controllers
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	kerrors "k8s.io/apimachinery/pkg/util/errors"
+	"k8s.io/client-go/tools/events"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/cluster-api/util/conditions"
+	"sigs.k8s.io/cluster-api/util/patch"
+	"sigs.k8s.io/cluster-api/util/predicates"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+)
+
+// secretNameIndex indexes hosts by every Secret they reference, so a created or rotated
+// Secret wakes exactly the hosts that use it.
+const secretNameIndex = "spec.bmc.secretNames"
+
+// AnvilHostReconciler runs the host state machine. It is the only writer of host status and
+// the only component that talks to BMCs.
+type AnvilHostReconciler struct {
+	Client       client.Client
+	Recorder     events.EventRecorder
+	StateMachine *hoststate.Machine
+	Pool         *bmc.Pool
+	// LeaseDuration is how long a BMC liveness Lease is valid; it is renewed after a third of
+	// it has passed, and only when the BMC answered.
+	LeaseDuration time.Duration
+	// BMCTimeout bounds each BMC call.
+	BMCTimeout       time.Duration
+	WatchFilterValue string
+
+	// powerSyncedAt and leaseRenewedAt are per-host memories (by UID) that keep steady-state
+	// polling from writing anything: lost on restart, which only causes one early poll.
+	powerSyncedAt  sync.Map
+	leaseRenewedAt sync.Map
+}
+
+// SetupWithManager registers the controller.
+func (r *AnvilHostReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager, options controller.Options) error {
+	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, secretNameIndex, func(o client.Object) []string {
+		h := o.(*infrav1.AnvilHost)
+		names := []string{h.Spec.BMC.CredentialsRef.Name}
+		if h.Spec.BMC.CABundleRef != nil {
+			names = append(names, h.Spec.BMC.CABundleRef.Name)
+		}
+		return names
+	}); err != nil {
+		return err
+	}
+	log := ctrl.LoggerFrom(ctx)
+	return ctrl.NewControllerManagedBy(mgr).
+		// Status writes (our own) must not wake the host again: only spec, label and
+		// annotation changes do, and timed requeues pace everything else.
+		For(&infrav1.AnvilHost{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{},
+			predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{}))).
+		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretToHosts)).
+		WithOptions(options).
+		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
+		Complete(r)
+}
+
+func (r *AnvilHostReconciler) secretToHosts(ctx context.Context, o client.Object) []reconcile.Request {
+	hosts := &infrav1.AnvilHostList{}
+	if err := r.Client.List(ctx, hosts, client.InNamespace(o.GetNamespace()), client.MatchingFields{secretNameIndex: o.GetName()}); err != nil {
+		return nil
+	}
+	reqs := make([]reconcile.Request, 0, len(hosts.Items))
+	for _, h := range hosts.Items {
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&h)})
+	}
+	return reqs
+}
+
+// Reconcile follows CAPI's order: get, patch helper, finalizer, delete or normal.
+func (r *AnvilHostReconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Result, reterr error) {
+	log := ctrl.LoggerFrom(ctx)
+	host := &infrav1.AnvilHost{}
+	if err := r.Client.Get(ctx, req.NamespacedName, host); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.Pool.Forget(ctx, req.String())
+			return ctrl.Result{}, nil
+		}
+		return ctrl.Result{}, err
+	}
+
+	helper, err := patch.NewHelper(host, r.Client)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	defer func() {
+		if err := helper.Patch(ctx, host, patch.WithOwnedConditions{Conditions: []string{
+			hoststate.ConditionReady, hoststate.ConditionBMCReachable, hoststate.ConditionBMCTLSVerified,
+			hoststate.ConditionInspected, hoststate.ConditionProvisioned, hoststate.ConditionMaintenance,
+		}}); err != nil {
+			reterr = kerrors.NewAggregate([]error{reterr, err})
+		}
+	}()
+
+	if !host.DeletionTimestamp.IsZero() {
+		return r.reconcileDelete(ctx, host)
+	}
+	if controllerutil.AddFinalizer(host, infrav1.HostFinalizer) {
+		log.V(4).Info("added finalizer")
+	}
+	return r.reconcileNormal(ctx, host)
+}
+
+func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1.AnvilHost) (ctrl.Result, error) {
+	target, targetErr := r.resolveTarget(ctx, host)
+	var lastSync time.Time
+	if v, ok := r.powerSyncedAt.Load(host.UID); ok {
+		lastSync = v.(time.Time)
+	}
+	before := host.Status.State
+	res := r.StateMachine.Step(ctx, hoststate.Input{Host: host, Target: target, TargetErr: targetErr, LastPowerSync: lastSync})
+
+	if res.PowerSynced {
+		r.powerSyncedAt.Store(host.UID, time.Now())
+	}
+	if res.ReleaseClaim {
+		host.Spec.Claim = nil
+	}
+	for _, e := range res.Events {
+		kind := corev1.EventTypeNormal
+		if e.Warning {
+			kind = corev1.EventTypeWarning
+		}
+		r.Recorder.Eventf(host, nil, kind, e.Reason, "Reconcile", "%s", e.Message)
+	}
+	if before != host.Status.State {
+		ctrl.LoggerFrom(ctx).Info("host state changed", "from", before, "to", host.Status.State)
+	}
+	if res.BMCAlive {
+		if err := r.renewLease(ctx, host); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	return ctrl.Result{RequeueAfter: res.RequeueAfter}, nil
+}
+
+// reconcileDelete refuses to let a claimed host vanish under its machine: the machine must
+// release it (and so have it wiped) first.
+func (r *AnvilHostReconciler) reconcileDelete(ctx context.Context, host *infrav1.AnvilHost) (ctrl.Result, error) {
+	if c := host.Spec.Claim; c != nil && !c.Released && host.Status.State != infrav1.HostStateRetired {
+		conditions.Set(host, metav1.Condition{Type: hoststate.ConditionReady, Status: metav1.ConditionFalse, Reason: "DeletionBlocked",
+			Message: fmt.Sprintf("host is claimed by AnvilMachine %s; delete or scale down that machine first", c.MachineRef.Name)})
+		return ctrl.Result{RequeueAfter: 30 * time.Second}, nil
+	}
+	r.Pool.Forget(ctx, host.Namespace+"/"+host.Name)
+	r.powerSyncedAt.Delete(host.UID)
+	r.leaseRenewedAt.Delete(host.UID)
+	controllerutil.RemoveFinalizer(host, infrav1.HostFinalizer)
+	return ctrl.Result{}, nil
+}
+
+// resolveTarget reads the BMC address and Secrets. Its errors name the Secret and the fix,
+// never a value from it.
+func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.AnvilHost) (*bmc.Target, error) {
+	addr, err := bmc.ParseAddress(host.Spec.BMC.Address)
+	if err != nil {
+		return nil, fmt.Errorf("spec.bmc.address: %w", err)
+	}
+	creds := &corev1.Secret{}
+	name := host.Spec.BMC.CredentialsRef.Name
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: host.Namespace, Name: name}, creds); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, fmt.Errorf("credentials Secret %q not found in namespace %q: create it with keys username and password", name, host.Namespace)
+		}
+		return nil, fmt.Errorf("reading credentials Secret %q: %w", name, err)
+	}
+	user, pass := string(creds.Data["username"]), string(creds.Data["password"])
+	if user == "" || pass == "" {
+		return nil, fmt.Errorf("credentials Secret %q must have non-empty keys username and password", name)
+	}
+	t := &bmc.Target{Address: addr, Username: user, Password: pass, InsecureSkipVerify: host.Spec.BMC.InsecureSkipVerify, Timeout: r.BMCTimeout}
+	if ref := host.Spec.BMC.CABundleRef; ref != nil {
+		ca := &corev1.Secret{}
+		if err := r.Client.Get(ctx, types.NamespacedName{Namespace: host.Namespace, Name: ref.Name}, ca); err != nil {
+			return nil, fmt.Errorf("CA bundle Secret %q: %w", ref.Name, client.IgnoreNotFound(err))
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(ca.Data["ca.crt"]) {
+			return nil, fmt.Errorf("CA bundle Secret %q has no PEM certificate under key ca.crt", ref.Name)
+		}
+		t.CAPool = pool
+	}
+	return t, nil
+}
+
+// renewLease records BMC liveness in a Lease named after the host: a heartbeat that costs
+// one small write per LeaseDuration/3 instead of a status rewrite on every poll.
+func (r *AnvilHostReconciler) renewLease(ctx context.Context, host *infrav1.AnvilHost) error {
+	duration := r.LeaseDuration
+	if duration <= 0 {
+		duration = 15 * time.Minute
+	}
+	if v, ok := r.leaseRenewedAt.Load(host.UID); ok && time.Since(v.(time.Time)) < duration/3 {
+		return nil
+	}
+	now := metav1.NewMicroTime(time.Now())
+	lease := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: host.Name, Namespace: host.Namespace}}
+	err := r.Client.Get(ctx, client.ObjectKeyFromObject(lease), lease)
+	switch {
+	case apierrors.IsNotFound(err):
+		lease.Labels = map[string]string{infrav1.LabelDomain + "/bmc-liveness": "true"}
+		lease.OwnerReferences = []metav1.OwnerReference{{APIVersion: infrav1.GroupVersion.String(), Kind: "AnvilHost",
+			Name: host.Name, UID: host.UID, Controller: ptr.To(true)}}
+		lease.Spec = coordinationv1.LeaseSpec{HolderIdentity: ptr.To("anvil-bmc-monitor"),
+			LeaseDurationSeconds: ptr.To(int32(duration.Seconds())), RenewTime: &now}
+		err = r.Client.Create(ctx, lease)
+	case err == nil:
+		lease.Spec.RenewTime = &now
+		err = r.Client.Update(ctx, lease)
+	}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("renewing BMC liveness Lease: %w", err)
+	}
+	r.leaseRenewedAt.Store(host.UID, time.Now())
+	return nil
+}

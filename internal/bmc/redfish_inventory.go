@@ -1,0 +1,116 @@
+package bmc
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/stmcginnis/gofish"
+	"github.com/stmcginnis/gofish/redfish"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+)
+
+// redfishInventory reads the ComputerSystem and its Processors, Memory, EthernetInterfaces
+// and Storage/Drives with gofish directly. bmclib's own Inventory finds NICs only through
+// NetworkAdapters, reads no MACs, and ignores systems not named like a vendor's, so it misses
+// most of what placement needs. The session is short-lived: inspection runs once per host.
+func redfishInventory(ctx context.Context, t Target) (*infrav1.HardwareInventory, error) {
+	api, err := gofish.ConnectContext(ctx, gofish.ClientConfig{
+		Endpoint: t.Address.BaseURL(), Username: t.Username, Password: t.Password, HTTPClient: newHTTPClient(t),
+	})
+	if err != nil {
+		return nil, classify(redact(err, t.Password))
+	}
+	defer api.Logout()
+
+	systems, err := api.Service.Systems()
+	if err != nil {
+		return nil, classify(redact(err, t.Password))
+	}
+	var sys *redfish.ComputerSystem
+	for _, s := range systems {
+		if t.Address.SystemPath == "" || strings.TrimRight(s.ODataID, "/") == t.Address.SystemPath {
+			sys = s
+			break
+		}
+	}
+	if sys == nil {
+		return nil, fmt.Errorf("%w: no ComputerSystem at %q (the BMC has %d)", ErrBMC, t.Address.SystemPath, len(systems))
+	}
+
+	now := metav1.NewTime(time.Now().UTC().Truncate(time.Second))
+	inv := &infrav1.HardwareInventory{Source: "OutOfBand", InspectedAt: &now, System: infrav1.SystemInfo{
+		Manufacturer: sys.Manufacturer, Model: sys.Model, SerialNumber: sys.SerialNumber, UUID: sys.UUID, Firmware: sys.BIOSVersion,
+	}}
+
+	if procs, err := sys.Processors(); err == nil {
+		for _, p := range procs {
+			switch p.ProcessorType {
+			case redfish.GPUProcessorType, redfish.AcceleratorProcessorType, redfish.FPGAProcessorType:
+				inv.Accelerators = append(inv.Accelerators, infrav1.Accelerator{Vendor: p.Manufacturer, Model: p.Model, Class: acceleratorClass(p.ProcessorType)})
+				continue
+			}
+			inv.CPU.Sockets++
+			inv.CPU.Cores += int32(p.TotalCores)     //nolint:gosec // small counts
+			inv.CPU.Threads += int32(p.TotalThreads) //nolint:gosec // small counts
+			if inv.CPU.Model == "" {
+				inv.CPU.Model = p.Model
+			}
+			if inv.CPU.Arch == "" {
+				inv.CPU.Arch = GoArch(firstNonEmpty(string(p.InstructionSet), string(p.ProcessorArchitecture)))
+			}
+		}
+	}
+
+	memGiB := float64(sys.MemorySummary.TotalSystemMemoryGiB)
+	if memGiB == 0 {
+		if dimms, err := sys.Memory(); err == nil {
+			for _, d := range dimms {
+				memGiB += float64(d.CapacityMiB) / 1024
+			}
+		}
+	}
+	if memGiB > 0 {
+		inv.Memory = resource.NewQuantity(int64(memGiB*(1<<30)), resource.BinarySI)
+	}
+
+	if nics, err := sys.EthernetInterfaces(); err == nil {
+		for _, n := range nics {
+			mac := strings.ToLower(firstNonEmpty(n.PermanentMACAddress, n.MACAddress))
+			if mac == "" {
+				continue
+			}
+			up := n.LinkStatus == redfish.LinkUpLinkStatus
+			inv.NICs = append(inv.NICs, infrav1.NIC{Name: n.ID, MACAddress: mac, SpeedMbps: int32(n.SpeedMbps), LinkUp: &up}) //nolint:gosec // link speeds fit
+		}
+	}
+
+	if storages, err := sys.Storage(); err == nil {
+		for _, st := range storages {
+			drives, err := st.Drives()
+			if err != nil {
+				continue
+			}
+			for _, d := range drives {
+				inv.Disks = append(inv.Disks, infrav1.Disk{Name: firstNonEmpty(d.Name, d.ID), SizeBytes: d.CapacityBytes,
+					Type: diskType(string(d.MediaType), string(d.Protocol)), Model: d.Model, SerialNumber: d.SerialNumber})
+			}
+		}
+	}
+	return inv, nil
+}
+
+func acceleratorClass(t redfish.ProcessorType) string {
+	switch t {
+	case redfish.GPUProcessorType:
+		return "GPU"
+	case redfish.FPGAProcessorType:
+		return "FPGA"
+	default:
+		return "ProcessingAccelerator"
+	}
+}

@@ -1,0 +1,499 @@
+// Package hoststate is the AnvilHost lifecycle as an explicit state machine: one handler per
+// state, each returning a typed result that says what happens next. It talks to the BMC
+// through a small interface and to provisioning through another, so it runs unchanged against
+// real BMCs, emulated ones and fakes.
+//
+//	Registering → Inspecting → Available ⇄ Provisioning → Provisioned → Deprovisioning → Available
+//	any state + spec.maintenance → actions stop (state Maintenance when unclaimed); cleared → Inspecting
+//	any state + spec.retire → Retiring (wipe, power off) → Retired (terminal)
+package hoststate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/cluster-api/util/conditions"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+)
+
+// Condition types on AnvilHost.
+const (
+	ConditionReady          = "Ready"
+	ConditionBMCReachable   = "BMCReachable"
+	ConditionBMCTLSVerified = "BMCTLSVerified"
+	ConditionInspected      = "Inspected"
+	ConditionProvisioned    = "Provisioned"
+	ConditionMaintenance    = "Maintenance"
+)
+
+// BMCAccess runs an operation against a host's BMC (bmc.Pool implements it).
+type BMCAccess interface {
+	Do(ctx context.Context, key string, t bmc.Target, opName string, op func(context.Context, bmc.Client) error) error
+}
+
+// Provisioner carries out the steps that need more than the BMC: installing an image and
+// wiping disks. The agent and boot-services issues provide the real one; Simulated drives
+// only the BMC. Each call advances the work and says whether it is done; it is called again
+// on the next reconcile until it is.
+type Provisioner interface {
+	Provision(ctx context.Context, h *infrav1.AnvilHost, run BMCRunner) (Outcome, error)
+	Deprovision(ctx context.Context, h *infrav1.AnvilHost, policy infrav1.WipePolicy, run BMCRunner) (Outcome, error)
+}
+
+// BMCRunner runs one operation on this host's BMC through the pool.
+type BMCRunner func(opName string, op func(context.Context, bmc.Client) error) error
+
+// Outcome is a provisioning step's progress.
+type Outcome struct {
+	Done         bool
+	RequeueAfter time.Duration
+	// Message explains the wait, for the Provisioned condition.
+	Message string
+}
+
+// Event is something worth a Kubernetes Event.
+type Event struct {
+	Warning bool
+	Reason  string
+	Message string
+}
+
+// Result is what a Step asks of its caller.
+type Result struct {
+	RequeueAfter time.Duration
+	Events       []Event
+	// BMCAlive is true when the BMC answered during this step: the caller renews the host's
+	// liveness Lease instead of rewriting status.
+	BMCAlive bool
+	// ReleaseClaim asks the caller to remove spec.claim (deprovisioning finished).
+	ReleaseClaim bool
+	// PowerSynced is true when power was read: the caller remembers when.
+	PowerSynced bool
+}
+
+// Input is one host as the controller loaded it. Step mutates Host's status and labels.
+type Input struct {
+	Host *infrav1.AnvilHost
+	// Target is the resolved BMC endpoint and credentials; nil when they could not be
+	// resolved, with TargetErr saying why (a message that carries no secret).
+	Target    *bmc.Target
+	TargetErr error
+	// LastPowerSync is when the power state was last read (kept in memory, not in status).
+	LastPowerSync time.Time
+}
+
+// Machine is the host state machine with its collaborators.
+type Machine struct {
+	BMC         BMCAccess
+	Provisioner Provisioner
+	// PowerSyncInterval is the steady-state power poll (default 120 s, ±10 % jitter).
+	PowerSyncInterval time.Duration
+	// RetryInterval is the requeue for errors the pool does not time (default 30 s).
+	RetryInterval time.Duration
+	Now           func() time.Time
+}
+
+// stepResult is what a state handler decided.
+type stepResult struct {
+	next         infrav1.HostState // empty: stay
+	requeueAfter time.Duration
+	// continue runs the next state's handler in the same reconcile, so a healthy host goes
+	// from Registering to Available with one status write.
+	cont bool
+}
+
+type step struct {
+	m   *Machine
+	ctx context.Context
+	in  Input
+	res *Result
+}
+
+// maxTransitionsPerStep bounds how many states one reconcile walks through.
+const maxTransitionsPerStep = 4
+
+// Step advances the host as far as it can now.
+func (m *Machine) Step(ctx context.Context, in Input) Result {
+	res := &Result{}
+	s := &step{m: m, ctx: ctx, in: in, res: res}
+	h := in.Host
+	if h.Status.State == "" {
+		h.Status.State = infrav1.HostStateRegistering
+	}
+	s.syncMaintenanceCondition()
+
+	for range maxTransitionsPerStep {
+		from := h.Status.State
+		sr := s.handle(from)
+		res.RequeueAfter = sr.requeueAfter
+		if sr.next == "" || sr.next == from {
+			break
+		}
+		h.Status.State = sr.next
+		res.Events = append(res.Events, Event{Reason: string(sr.next), Message: fmt.Sprintf("%s → %s", from, sr.next)})
+		if !sr.cont {
+			if res.RequeueAfter == 0 {
+				res.RequeueAfter = time.Millisecond // let the next state run promptly
+			}
+			break
+		}
+	}
+	s.setReady()
+	h.Status.ObservedGeneration = h.Generation
+	return *res
+}
+
+func (s *step) handle(state infrav1.HostState) stepResult {
+	h := s.in.Host
+	// Retirement and maintenance override whatever the host was doing.
+	switch {
+	case state == infrav1.HostStateRetired:
+		return s.retired()
+	case h.Spec.Retire && state != infrav1.HostStateRetiring:
+		return stepResult{next: infrav1.HostStateRetiring, cont: true}
+	case h.Spec.Maintenance != nil:
+		return s.maintenance()
+	}
+	handlers := map[infrav1.HostState]func() stepResult{
+		infrav1.HostStateRegistering:    s.registering,
+		infrav1.HostStateInspecting:     s.inspecting,
+		infrav1.HostStateAvailable:      s.available,
+		infrav1.HostStateProvisioning:   s.provisioning,
+		infrav1.HostStateProvisioned:    s.provisioned,
+		infrav1.HostStateDeprovisioning: s.deprovisioning,
+		infrav1.HostStateMaintenance:    s.leavingMaintenance,
+		infrav1.HostStateRetiring:       s.retiring,
+	}
+	handler, ok := handlers[state]
+	if !ok {
+		return stepResult{next: infrav1.HostStateRegistering, cont: true}
+	}
+	return handler()
+}
+
+// registering proves the credentials and the BMC's reachability.
+func (s *step) registering() stepResult {
+	power, ok := s.readPower()
+	if !ok {
+		return s.failed()
+	}
+	s.in.Host.Status.Power = power
+	return stepResult{next: infrav1.HostStateInspecting, cont: true}
+}
+
+// inspecting reads the out-of-band inventory and labels the host from it.
+func (s *step) inspecting() stepResult {
+	h := s.in.Host
+	var inv *infrav1.HardwareInventory
+	err := s.runBMC("inventory", func(ctx context.Context, c bmc.Client) error {
+		var err error
+		inv, err = c.Inventory(ctx)
+		return err
+	})
+	if err != nil {
+		return s.failed()
+	}
+	if inv.InspectedAt == nil {
+		now := metav1.NewTime(s.m.now().UTC().Truncate(time.Second))
+		inv.InspectedAt = &now
+	}
+	h.Status.Hardware = inv
+	ApplyHardwareLabels(h)
+	conditions.Set(h, metav1.Condition{Type: ConditionInspected, Status: metav1.ConditionTrue, Reason: "Inspected",
+		Message: fmt.Sprintf("%d cores, %s memory, %d disks, %d NICs, %d accelerators (out-of-band)",
+			inv.CPU.Cores, quantityString(inv.Memory), len(inv.Disks), len(inv.NICs), len(inv.Accelerators))})
+	s.clearError()
+	return stepResult{next: infrav1.HostStateAvailable, cont: true}
+}
+
+// available keeps power where the spec wants it and starts provisioning when claimed.
+func (s *step) available() stepResult {
+	h := s.in.Host
+	if c := h.Spec.Claim; c != nil && !c.Released && c.Image != nil {
+		return stepResult{next: infrav1.HostStateProvisioning, cont: true}
+	}
+	return s.keepPower()
+}
+
+func (s *step) provisioning() stepResult {
+	h := s.in.Host
+	if c := h.Spec.Claim; c == nil || c.Released {
+		return stepResult{next: infrav1.HostStateDeprovisioning, cont: true}
+	}
+	out, err := s.m.Provisioner.Provision(s.ctx, h, s.runBMC)
+	if err != nil {
+		s.recordError("ProvisioningFailed", err)
+		conditions.Set(h, metav1.Condition{Type: ConditionProvisioned, Status: metav1.ConditionFalse, Reason: "ProvisioningFailed", Message: err.Error()})
+		return s.failed()
+	}
+	s.clearError()
+	if !out.Done {
+		conditions.Set(h, metav1.Condition{Type: ConditionProvisioned, Status: metav1.ConditionFalse, Reason: "Provisioning", Message: out.Message})
+		return stepResult{requeueAfter: max(out.RequeueAfter, time.Second)}
+	}
+	conditions.Set(h, metav1.Condition{Type: ConditionProvisioned, Status: metav1.ConditionTrue, Reason: "Provisioned",
+		Message: "running " + h.Spec.Claim.Image.URL})
+	h.Status.Power = infrav1.PowerOn
+	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.m.powerSyncInterval()}
+}
+
+func (s *step) provisioned() stepResult {
+	if c := s.in.Host.Spec.Claim; c == nil || c.Released {
+		return stepResult{next: infrav1.HostStateDeprovisioning, cont: true}
+	}
+	return s.keepPower()
+}
+
+func (s *step) deprovisioning() stepResult {
+	h := s.in.Host
+	policy := infrav1.WipePolicyMetadata
+	if h.Spec.Claim != nil && h.Spec.Claim.WipePolicy != "" {
+		policy = h.Spec.Claim.WipePolicy
+	}
+	out, err := s.m.Provisioner.Deprovision(s.ctx, h, policy, s.runBMC)
+	if err != nil {
+		s.recordError("DeprovisioningFailed", err)
+		return s.failed()
+	}
+	s.clearError()
+	if !out.Done {
+		return stepResult{requeueAfter: max(out.RequeueAfter, time.Second)}
+	}
+	conditions.Delete(h, ConditionProvisioned)
+	h.Status.BootSlots = nil
+	s.res.ReleaseClaim = true
+	return stepResult{next: infrav1.HostStateAvailable}
+}
+
+// maintenance does nothing but read power: an operator is working on the server.
+func (s *step) maintenance() stepResult {
+	h := s.in.Host
+	if h.Spec.Claim == nil && h.Status.State != infrav1.HostStateMaintenance {
+		return stepResult{next: infrav1.HostStateMaintenance}
+	}
+	if wait := s.untilPowerSync(); wait > 0 {
+		return stepResult{requeueAfter: wait}
+	}
+	if power, ok := s.readPower(); ok {
+		h.Status.Power = power
+	}
+	return stepResult{requeueAfter: s.m.powerSyncInterval()}
+}
+
+// leavingMaintenance re-inspects: parts may have been replaced.
+func (s *step) leavingMaintenance() stepResult {
+	return stepResult{next: infrav1.HostStateInspecting, cont: true}
+}
+
+// retiring wipes (through the provisioner) and powers off; then the host is scrap.
+func (s *step) retiring() stepResult {
+	h := s.in.Host
+	out, err := s.m.Provisioner.Deprovision(s.ctx, h, infrav1.WipePolicyMetadata, s.runBMC)
+	if err != nil {
+		s.recordError("RetireWipeFailed", err)
+		return s.failed()
+	}
+	if !out.Done {
+		return stepResult{requeueAfter: max(out.RequeueAfter, time.Second)}
+	}
+	if err := s.runBMC("power-off", func(ctx context.Context, c bmc.Client) error {
+		return c.SetPower(ctx, bmc.PowerActionOff)
+	}); err != nil {
+		return s.failed()
+	}
+	s.clearError()
+	h.Status.Power = infrav1.PowerOff
+	s.res.ReleaseClaim = h.Spec.Claim != nil
+	return stepResult{next: infrav1.HostStateRetired}
+}
+
+// retired is terminal: the server stays off and is never handed out again.
+func (s *step) retired() stepResult { return stepResult{} }
+
+// keepPower polls power every PowerSyncInterval and corrects it toward spec.online (or "on"
+// for a provisioned host). Nothing is written unless the state actually changed.
+func (s *step) keepPower() stepResult {
+	h := s.in.Host
+	if wait := s.untilPowerSync(); wait > 0 {
+		return stepResult{requeueAfter: wait}
+	}
+	power, ok := s.readPower()
+	if !ok {
+		return s.failed()
+	}
+	h.Status.Power = power
+	want := h.Spec.Online || h.Status.State == infrav1.HostStateProvisioned
+	action := bmc.PowerAction("")
+	switch {
+	case want && power == infrav1.PowerOff:
+		action = bmc.PowerActionOn
+	case !want && power == infrav1.PowerOn:
+		action = bmc.PowerActionOff
+	}
+	if action != "" {
+		if err := s.runBMC("power-"+string(action), func(ctx context.Context, c bmc.Client) error {
+			return c.SetPower(ctx, action)
+		}); err != nil {
+			return s.failed()
+		}
+		s.res.Events = append(s.res.Events, Event{Reason: "PowerChanged", Message: fmt.Sprintf("powered %s to match the spec", action)})
+		h.Status.Power = infrav1.PowerOff
+		if action == bmc.PowerActionOn {
+			h.Status.Power = infrav1.PowerOn
+		}
+	}
+	return stepResult{requeueAfter: s.m.powerSyncInterval()}
+}
+
+// untilPowerSync is how long until power is due to be read again (zero: now). The last read
+// is kept in memory by the controller, so a restart reads power at once.
+func (s *step) untilPowerSync() time.Duration {
+	if s.in.LastPowerSync.IsZero() {
+		return 0
+	}
+	return max(0, s.in.LastPowerSync.Add(s.m.powerSyncInterval()).Sub(s.m.now()))
+}
+
+func (s *step) readPower() (infrav1.PowerState, bool) {
+	var power infrav1.PowerState
+	err := s.runBMC("power-status", func(ctx context.Context, c bmc.Client) error {
+		var err error
+		power, err = c.PowerState(ctx)
+		return err
+	})
+	if err != nil {
+		return infrav1.PowerUnknown, false
+	}
+	s.clearError()
+	s.res.PowerSynced = true
+	return power, true
+}
+
+// runBMC runs op through the pool, keeps the BMC conditions current and records a failure
+// as the host's last error.
+func (s *step) runBMC(opName string, op func(context.Context, bmc.Client) error) error {
+	h := s.in.Host
+	if s.in.Target == nil {
+		err := s.in.TargetErr
+		if err == nil {
+			err = fmt.Errorf("BMC credentials not resolved")
+		}
+		conditions.Set(h, metav1.Condition{Type: ConditionBMCReachable, Status: metav1.ConditionFalse, Reason: "CredentialsUnavailable", Message: err.Error()})
+		s.recordError("CredentialsUnavailable", err)
+		return err
+	}
+	err := s.m.BMC.Do(s.ctx, h.Namespace+"/"+h.Name, *s.in.Target, opName, op)
+	if err != nil {
+		// While the pool holds off, status already describes the failure that caused it;
+		// rewriting it with a countdown would cost an API write per reconcile.
+		if errors.Is(err, bmc.ErrBackoff) && h.Status.LastError != nil {
+			return err
+		}
+		conditions.Set(h, metav1.Condition{Type: ConditionBMCReachable, Status: metav1.ConditionFalse, Reason: bmc.Reason(err), Message: err.Error()})
+		s.recordError(bmc.Reason(err), err)
+		return err
+	}
+	s.res.BMCAlive = true
+	conditions.Set(h, metav1.Condition{Type: ConditionBMCReachable, Status: metav1.ConditionTrue, Reason: "Reachable",
+		Message: fmt.Sprintf("%s BMC at %s answers", s.in.Target.Address.Protocol, s.in.Target.Address.HostPort())})
+	s.setTLSCondition()
+	return nil
+}
+
+func (s *step) setTLSCondition() {
+	h, t := s.in.Host, s.in.Target
+	switch {
+	case t.Address.Protocol != bmc.Redfish:
+		conditions.Set(h, metav1.Condition{Type: ConditionBMCTLSVerified, Status: metav1.ConditionTrue, Reason: "NotApplicable", Message: "IPMI does not use TLS"})
+	case !t.Address.HTTPS:
+		conditions.Set(h, metav1.Condition{Type: ConditionBMCTLSVerified, Status: metav1.ConditionFalse, Reason: "PlainHTTP", Message: "redfish+http:// sends credentials unencrypted; use redfish+https:// outside labs"})
+	case t.InsecureSkipVerify:
+		conditions.Set(h, metav1.Condition{Type: ConditionBMCTLSVerified, Status: metav1.ConditionFalse, Reason: "VerificationDisabled", Message: "spec.bmc.insecureSkipVerify is set: the BMC's identity is not checked"})
+	default:
+		conditions.Set(h, metav1.Condition{Type: ConditionBMCTLSVerified, Status: metav1.ConditionTrue, Reason: "Verified", Message: "the BMC's certificate verified against the host's CA bundle or the system store"})
+	}
+}
+
+// failed keeps the state and retries after the pool's back-off (or RetryInterval).
+func (s *step) failed() stepResult {
+	retry := s.m.retryInterval()
+	if e := s.in.Host.Status.LastError; e != nil && e.Count > 1 {
+		retry = min(retry*time.Duration(1<<min(e.Count-1, 6)), 10*time.Minute)
+	}
+	return stepResult{requeueAfter: retry}
+}
+
+// recordError keeps the last error; the count (which sets the back-off) grows only while the
+// same reason repeats, so the timestamp and count don't churn status on every retry.
+func (s *step) recordError(reason string, err error) {
+	h := s.in.Host
+	msg := err.Error()
+	if e := h.Status.LastError; e != nil && e.Reason == reason {
+		if e.Message != msg {
+			e.Message = msg
+		}
+		if e.Count < 1000 {
+			e.Count++
+		}
+		return
+	}
+	h.Status.LastError = &infrav1.HostError{Reason: reason, Message: msg, Count: 1, LastTransitionTime: metav1.NewTime(s.m.now().UTC().Truncate(time.Second))}
+	s.res.Events = append(s.res.Events, Event{Warning: true, Reason: reason, Message: msg})
+}
+
+func (s *step) clearError() { s.in.Host.Status.LastError = nil }
+
+func (s *step) syncMaintenanceCondition() {
+	h := s.in.Host
+	if h.Spec.Maintenance != nil {
+		conditions.Set(h, metav1.Condition{Type: ConditionMaintenance, Status: metav1.ConditionTrue, Reason: "InMaintenance", Message: h.Spec.Maintenance.Reason})
+		return
+	}
+	conditions.Delete(h, ConditionMaintenance)
+}
+
+// setReady summarises the host for `kubectl get` and for the machine controller's messages.
+func (s *step) setReady() {
+	h := s.in.Host
+	c := metav1.Condition{Type: ConditionReady, Status: metav1.ConditionFalse, Reason: string(h.Status.State)}
+	switch {
+	case h.Status.LastError != nil:
+		c.Reason, c.Message = h.Status.LastError.Reason, h.Status.LastError.Message
+	case h.Spec.Maintenance != nil:
+		c.Reason, c.Message = "InMaintenance", h.Spec.Maintenance.Reason
+	case h.Status.State == infrav1.HostStateAvailable || h.Status.State == infrav1.HostStateProvisioned:
+		c.Status, c.Message = metav1.ConditionTrue, string(h.Status.State)
+	default:
+		c.Message = "host is " + string(h.Status.State)
+	}
+	conditions.Set(h, c)
+}
+
+func (m *Machine) now() time.Time {
+	if m.Now != nil {
+		return m.Now()
+	}
+	return time.Now()
+}
+
+// powerSyncInterval is the poll period with ±10 % jitter so a fleet does not poll in step.
+func (m *Machine) powerSyncInterval() time.Duration {
+	d := m.PowerSyncInterval
+	if d <= 0 {
+		d = 120 * time.Second
+	}
+	return time.Duration(float64(d) * (0.9 + rand.Float64()/5)) //nolint:gosec // jitter only
+}
+
+func (m *Machine) retryInterval() time.Duration {
+	if m.RetryInterval > 0 {
+		return m.RetryInterval
+	}
+	return 30 * time.Second
+}

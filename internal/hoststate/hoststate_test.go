@@ -1,0 +1,192 @@
+package hoststate
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/cluster-api/util/conditions"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+)
+
+func fixture() (*FakeHost, *Machine) {
+	f := &bmc.FakeBMC{Password: "pw", Power: infrav1.PowerOff, Hardware: &infrav1.HardwareInventory{
+		CPU:          infrav1.CPUInfo{Arch: "amd64", Cores: 32, Threads: 64, Sockets: 2},
+		Memory:       resource.NewQuantity(256<<30, resource.BinarySI),
+		Accelerators: []infrav1.Accelerator{{Class: "GPU", Model: "NVIDIA A100 80GB"}},
+		NUMANodes:    []infrav1.NUMANode{{ID: 0}, {ID: 1}},
+	}}
+	pool := bmc.NewPool(bmc.PoolOptions{Dial: f.Dial, BackoffBase: time.Millisecond, BackoffMax: time.Millisecond, AuthHoldOff: time.Hour})
+	m := &Machine{BMC: pool, Provisioner: Simulated{}, PowerSyncInterval: time.Hour}
+	addr, _ := bmc.ParseAddress("redfish+https://10.0.0.5/redfish/v1/Systems/1")
+	h := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Name: "h", Namespace: "ns"},
+		Spec: infrav1.AnvilHostSpec{Online: true}}
+	return &FakeHost{Host: h, BMC: f, Target: &bmc.Target{Address: addr, Username: "admin", Password: "pw"}}, m
+}
+
+// FakeHost bundles a host with its fake BMC for these tests.
+type FakeHost struct {
+	Host     *infrav1.AnvilHost
+	BMC      *bmc.FakeBMC
+	Target   *bmc.Target
+	lastSync time.Time
+}
+
+func (f *FakeHost) step(m *Machine) Result {
+	r := m.Step(context.Background(), Input{Host: f.Host, Target: f.Target, LastPowerSync: f.lastSync})
+	if r.PowerSynced {
+		f.lastSync = time.Now()
+	}
+	if r.ReleaseClaim {
+		f.Host.Spec.Claim = nil
+	}
+	return r
+}
+
+func TestHealthyHostReachesAvailableInOneStep(t *testing.T) {
+	fh, m := fixture()
+	r := fh.step(m)
+	h := fh.Host
+	if h.Status.State != infrav1.HostStateAvailable {
+		t.Fatalf("state %s, want Available (lastError %+v)", h.Status.State, h.Status.LastError)
+	}
+	if h.Status.Power != infrav1.PowerOn || fh.BMC.Power != infrav1.PowerOn {
+		t.Errorf("spec.online=true: host power %s, BMC power %s", h.Status.Power, fh.BMC.Power)
+	}
+	want := map[string]string{LabelArch: "amd64", LabelCPUCores: "32", LabelMemoryGiB: "256", LabelGPUCount: "1",
+		LabelGPUModel: "NVIDIA-A100-80GB", LabelNUMANodes: "2"}
+	for k, v := range want {
+		if h.Labels[k] != v {
+			t.Errorf("label %s=%q, want %q", k, h.Labels[k], v)
+		}
+	}
+	if !conditions.IsTrue(h, ConditionReady) || !conditions.IsTrue(h, ConditionInspected) || !conditions.IsTrue(h, ConditionBMCTLSVerified) {
+		t.Errorf("conditions: %+v", h.Status.Conditions)
+	}
+	var reasons []string
+	for _, e := range r.Events {
+		reasons = append(reasons, e.Reason)
+	}
+	if got := strings.Join(reasons, ","); got != "Inspecting,Available,PowerChanged" {
+		t.Errorf("events %s", got)
+	}
+	if !r.BMCAlive {
+		t.Error("a BMC that answered must renew liveness")
+	}
+}
+
+func TestSteadyStateChangesNothing(t *testing.T) {
+	fh, m := fixture()
+	fh.step(m)
+	before := fh.Host.DeepCopy()
+	_, _, _, callsBefore := fh.BMC.Counts()
+	r := fh.step(m)
+	if _, _, _, calls := fh.BMC.Counts(); calls != callsBefore {
+		t.Errorf("%d BMC calls before the power sync was due", calls-callsBefore)
+	}
+	if !equality.Semantic.DeepEqual(before, fh.Host) {
+		t.Error("a steady-state step changed the host (it would cost an API write)")
+	}
+	if r.RequeueAfter < 50*time.Minute {
+		t.Errorf("requeue after %s, want about the power sync interval", r.RequeueAfter)
+	}
+}
+
+func TestMissingCredentialsWaitThenRecover(t *testing.T) {
+	fh, m := fixture()
+	fh.Target = nil
+	r := m.Step(context.Background(), Input{Host: fh.Host, TargetErr: errors.New(`Secret "h-bmc" not found: create it with keys username and password`)})
+	h := fh.Host
+	if h.Status.State != infrav1.HostStateRegistering || h.Status.LastError == nil || h.Status.LastError.Reason != "CredentialsUnavailable" {
+		t.Fatalf("state %s, lastError %+v", h.Status.State, h.Status.LastError)
+	}
+	if c := conditions.Get(h, ConditionBMCReachable); c == nil || !strings.Contains(c.Message, "h-bmc") {
+		t.Errorf("BMCReachable condition should say which Secret: %+v", c)
+	}
+	if r.RequeueAfter <= 0 {
+		t.Error("must retry on its own")
+	}
+	fh2, _ := fixture()
+	fh.Target = fh2.Target
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateAvailable || h.Status.LastError != nil {
+		t.Fatalf("after the Secret appeared: state %s, lastError %+v", h.Status.State, h.Status.LastError)
+	}
+}
+
+func TestWrongPasswordIsReportedWithoutThePassword(t *testing.T) {
+	fh, m := fixture()
+	fh.Target.Password = "hunter2"
+	fh.step(m)
+	h := fh.Host
+	if h.Status.LastError == nil || h.Status.LastError.Reason != "BMCAuthFailed" {
+		t.Fatalf("lastError %+v", h.Status.LastError)
+	}
+	for _, c := range h.Status.Conditions {
+		if strings.Contains(c.Message, "hunter2") {
+			t.Fatalf("password in condition %s", c.Type)
+		}
+	}
+	if strings.Contains(h.Status.LastError.Message, "hunter2") {
+		t.Fatal("password in lastError")
+	}
+}
+
+func TestMaintenanceStopsActionsAndReinspectsAfter(t *testing.T) {
+	fh, m := fixture()
+	fh.step(m)
+	h := fh.Host
+	h.Spec.Maintenance = &infrav1.Maintenance{Reason: "replacing DIMM B2"}
+	h.Spec.Online = false // would power off — but not during maintenance
+	fh.lastSync = time.Time{}
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateMaintenance || fh.BMC.Power != infrav1.PowerOn {
+		t.Fatalf("state %s, BMC power %s: maintenance must not act", h.Status.State, fh.BMC.Power)
+	}
+	if c := conditions.Get(h, ConditionMaintenance); c == nil || c.Message != "replacing DIMM B2" {
+		t.Errorf("maintenance condition %+v", c)
+	}
+	h.Spec.Maintenance = nil
+	fh.BMC.Hardware.CPU.Cores = 48 // the CPUs were swapped
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateAvailable || h.Labels[LabelCPUCores] != "48" {
+		t.Fatalf("after maintenance: state %s, cores label %s; want re-inspected", h.Status.State, h.Labels[LabelCPUCores])
+	}
+}
+
+func TestProvisionReleaseAndRetire(t *testing.T) {
+	fh, m := fixture()
+	fh.step(m)
+	h := fh.Host
+	h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m", UID: "u"},
+		Image: &infrav1.Image{URL: "https://img/os.img", Checksum: "sha256:00"}, WipePolicy: infrav1.WipePolicyMetadata}
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateProvisioned || fh.BMC.Boot != bmc.BootPXE || h.Status.BootSlots.Active != infrav1.SlotA {
+		t.Fatalf("state %s boot %s slots %+v", h.Status.State, fh.BMC.Boot, h.Status.BootSlots)
+	}
+	h.Spec.Claim.Released = true
+	r := fh.step(m)
+	if h.Status.State != infrav1.HostStateAvailable || !r.ReleaseClaim || h.Status.BootSlots != nil {
+		t.Fatalf("after release: state %s releaseClaim %v", h.Status.State, r.ReleaseClaim)
+	}
+
+	h.Spec.Retire = true
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateRetired || fh.BMC.Power != infrav1.PowerOff {
+		t.Fatalf("retire: state %s power %s", h.Status.State, fh.BMC.Power)
+	}
+	// A retired host ignores claims and never powers on again.
+	h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m2", UID: "u2"}, Image: &infrav1.Image{URL: "https://x/y"}}
+	fh.lastSync = time.Time{}
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateRetired || fh.BMC.Power != infrav1.PowerOff {
+		t.Fatalf("retired host acted: state %s power %s", h.Status.State, fh.BMC.Power)
+	}
+}
