@@ -16,7 +16,9 @@ GOLANGCI_LINT := $(BIN)/golangci-lint
 CONTROLLER_GEN := go tool controller-gen
 GO_TEST_FLAGS ?= -count=1 -timeout=25m
 
-IMAGE ?= ghcr.io/anvil-metal/cluster-api-provider-anvil:dev
+IMAGE ?= ghcr.io/anvil-metal/cluster-api-provider-anvil
+TAG ?= dev
+IMAGE_TARBALL ?= out/anvil-manager-image.tar
 
 ##@ General
 
@@ -74,12 +76,12 @@ test-deps: ## Install the Debian packages the real-peer tests use.
 	@hack/install-test-deps.sh
 
 .PHONY: image
-image: ## Build the manager image as an OCI tarball, offline, with ko.
-	hack/image/build.sh ./cmd/manager out/anvil-manager-image.tar
+image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed).
+	IMAGE=$(IMAGE) TAG=$(TAG) hack/image/build.sh ./cmd/manager $(IMAGE_TARBALL)
 
 .PHONY: verify-image
-verify-image: ## Check the image tarball: static non-root manager.
-	hack/image/verify.sh out/anvil-manager-image.tar
+verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint.
+	hack/image/verify.sh $(IMAGE_TARBALL)
 
 .PHONY: clean
 clean: ## Remove build outputs (the envtest cache in ~/.cache/anvil stays).

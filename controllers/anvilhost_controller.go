@@ -35,7 +35,7 @@ import (
 
 // secretNameIndex indexes hosts by every Secret they reference, so a created or rotated
 // Secret wakes exactly the hosts that use it.
-const secretNameIndex = "spec.bmc.secretNames"
+const secretNameIndex = "spec.bmc.secretNames" //nolint:gosec // an index name, not a credential
 
 // AnvilHostReconciler runs the host state machine. It is the only writer of host status and
 // the only component that talks to BMCs.

@@ -98,7 +98,9 @@ func (c *fakeClient) Inventory(context.Context) (*infrav1.HardwareInventory, err
 	return inv, err
 }
 
-func (c *fakeClient) InsertVirtualMedia(context.Context, string) error { return c.do(func(*FakeBMC) {}) }
+func (c *fakeClient) InsertVirtualMedia(context.Context, string) error {
+	return c.do(func(*FakeBMC) {})
+}
 
 func (c *fakeClient) Close(context.Context) error {
 	c.bmc.mu.Lock()
