@@ -65,17 +65,16 @@ func runDemo(out io.Writer) error {
 	}
 	step.done()
 
-	fmt.Fprintln(out, "\n$ kubectl get anvilhosts -n "+demoNamespace)
-	if err := printTable(ctx, env.Config, out, "anvilhosts"); err != nil {
-		return err
-	}
 	fmt.Fprintln(out, "\n$ kubectl get anvilmachinetemplates,anvilmachines -n "+demoNamespace)
 	for _, r := range []string{"anvilmachinetemplates", "anvilmachines"} {
 		if err := printTable(ctx, env.Config, out, r); err != nil {
 			return err
 		}
 	}
-	fmt.Fprintln(out, "\nThe lab — emulated servers onboarded, provisioned, remediated and retired — is not built yet.")
+	if err := demoHosts(ctx, env, out, step); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "\nNot in this demo yet: network boot, the agent's A/B install, Cluster API machines and remediation (the lab).")
 	return nil
 }
 
@@ -156,7 +155,7 @@ func applySamples(ctx context.Context, c client.Client) ([]string, error) {
 
 // printTable asks the API server for its Table rendering, so the columns shown are the CRD's
 // printer columns, exactly as kubectl would show them.
-func printTable(ctx context.Context, cfg *rest.Config, out io.Writer, resource string) error {
+func printTable(ctx context.Context, cfg *rest.Config, out io.Writer, resource string, labelColumns ...string) error {
 	httpClient, err := rest.HTTPClientFor(cfg)
 	if err != nil {
 		return err
@@ -168,6 +167,9 @@ func printTable(ctx context.Context, cfg *rest.Config, out io.Writer, resource s
 		return err
 	}
 	req.Header.Set("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+	q := req.URL.Query()
+	q.Set("includeObject", "Metadata") // the rows carry labels for the -L columns
+	req.URL.RawQuery = q.Encode()
 	resp, err := httpClient.Do(req)
 	if err != nil {
 		return err
@@ -189,15 +191,23 @@ func printTable(ctx context.Context, cfg *rest.Config, out io.Writer, resource s
 			shown = append(shown, i)
 		}
 	}
+	for _, l := range labelColumns {
+		header = append(header, strings.ToUpper(l[strings.LastIndex(l, "/")+1:]))
+	}
 	fmt.Fprintln(tw, strings.Join(header, "\t"))
 	for _, row := range table.Rows {
 		var cells []string
+		var meta metav1.PartialObjectMetadata
+		_ = json.Unmarshal(row.Object.Raw, &meta)
 		for _, i := range shown {
 			if row.Cells[i] == nil {
 				cells = append(cells, "")
 				continue
 			}
 			cells = append(cells, fmt.Sprint(row.Cells[i]))
+		}
+		for _, l := range labelColumns {
+			cells = append(cells, meta.Labels[l])
 		}
 		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
