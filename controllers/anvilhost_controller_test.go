@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -16,6 +17,7 @@ import (
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/ipmi"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/machine"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
 )
@@ -275,4 +277,34 @@ func controllerHasFinalizer(h *infrav1.AnvilHost) bool {
 		}
 	}
 	return false
+}
+
+func TestHostOnboardsOverIPMI(t *testing.T) {
+	f := newHostFixture(t)
+	m := machine.New(machine.Config{})
+	b, err := ipmi.Start(context.Background(), ipmi.Config{Machine: m, Username: "admin", Password: "ipmi-pw",
+		FRU: ipmi.FRU{Manufacturer: "Supermicro", Product: "SYS-1029U", SerialNumber: "SM-0042"}})
+	if errors.Is(err, ipmi.ErrNotInstalled) {
+		t.Skip("ipmi_sim not installed (make test-deps)")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Stop() })
+
+	host := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Name: "ipmi-node", Namespace: f.ns},
+		Spec: infrav1.AnvilHostSpec{BMC: infrav1.BMC{Address: b.Address(), CredentialsRef: infrav1.LocalSecretReference{Name: "ipmi-node-bmc"}},
+			BootMACAddress: "52:54:00:00:20:01", BootMode: infrav1.BootModeLegacy, Online: true}}
+	f.create(f.secret(host.Name, "ipmi-pw"))
+	f.create(host)
+	h := f.waitFor(host.Name, "became Available", func(h *infrav1.AnvilHost) bool { return h.Status.State == infrav1.HostStateAvailable })
+	if hw := h.Status.Hardware; hw == nil || hw.System.SerialNumber != "SM-0042" || hw.System.Manufacturer != "Supermicro" {
+		t.Errorf("FRU inventory: %+v", h.Status.Hardware)
+	}
+	if m.Power() != machine.PowerOn {
+		t.Errorf("emulated server power %s, want On", m.Power())
+	}
+	if c := conditions.Get(h, hoststate.ConditionBMCTLSVerified); c == nil || c.Reason != "NotApplicable" {
+		t.Errorf("IPMI TLS condition %+v", c)
+	}
 }

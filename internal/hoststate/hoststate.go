@@ -215,8 +215,15 @@ func (s *step) inspecting() stepResult {
 // available keeps power where the spec wants it and starts provisioning when claimed.
 func (s *step) available() stepResult {
 	h := s.in.Host
-	if c := h.Spec.Claim; c != nil && !c.Released && c.Image != nil {
-		return stepResult{next: infrav1.HostStateProvisioning, cont: true}
+	if c := h.Spec.Claim; c != nil {
+		if c.Released {
+			// A release that never finished (e.g. the BMC was unreachable and the machine gave
+			// up) still owes a wipe: a host never returns to the pool unwiped.
+			return stepResult{next: infrav1.HostStateDeprovisioning, cont: true}
+		}
+		if c.Image != nil {
+			return stepResult{next: infrav1.HostStateProvisioning, cont: true}
+		}
 	}
 	return s.keepPower()
 }
