@@ -141,6 +141,7 @@ func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1
 	}
 	if res.ReleaseClaim {
 		host.Spec.Claim = nil
+		delete(host.Labels, ClaimedByLabel)
 	}
 	for _, e := range res.Events {
 		kind := corev1.EventTypeNormal

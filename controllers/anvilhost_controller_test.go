@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -173,7 +174,9 @@ func TestHostOnboardsOverRedfish(t *testing.T) {
 	time.Sleep(5 * time.Second) // more than two power-sync intervals
 	h2 := f.waitFor(host.Name, "stayed Available", func(h *infrav1.AnvilHost) bool { return h.Status.State == infrav1.HostStateAvailable })
 	if h2.ResourceVersion != rv {
-		t.Errorf("steady-state polling rewrote the host (resourceVersion %s → %s)", rv, h2.ResourceVersion)
+		before, _ := json.Marshal(h)
+		after, _ := json.Marshal(h2)
+		t.Errorf("steady-state polling rewrote the host (resourceVersion %s → %s)\nbefore %s\nafter  %s", rv, h2.ResourceVersion, before, after)
 	}
 	if b.Requests().Total() == 0 {
 		t.Error("no BMC traffic")

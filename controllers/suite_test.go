@@ -47,6 +47,14 @@ func TestMain(m *testing.M) {
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}); err != nil {
 		panic(err)
 	}
+	machines := &AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}
+	if err := machines.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}); err != nil {
+		panic(err)
+	}
+	clusters := &AnvilClusterReconciler{Client: mgr.GetClient()}
+	if err := clusters.SetupWithManager(ctx, mgr, controller.Options{}); err != nil {
+		panic(err)
+	}
 	go func() {
 		if err := mgr.Start(ctx); err != nil {
 			panic(err)

@@ -3,6 +3,7 @@ package bmc
 import (
 	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
@@ -101,7 +102,24 @@ func redfishInventory(ctx context.Context, t Target) (*infrav1.HardwareInventory
 			}
 		}
 	}
+	SortInventory(inv)
 	return inv, nil
+}
+
+// SortInventory orders lists by stable keys: BMCs list collection members in any order, and an
+// unordered list would rewrite status on every inspection.
+func SortInventory(inv *infrav1.HardwareInventory) {
+	sort.SliceStable(inv.NICs, func(i, j int) bool {
+		if inv.NICs[i].MACAddress != inv.NICs[j].MACAddress {
+			return inv.NICs[i].MACAddress < inv.NICs[j].MACAddress
+		}
+		return inv.NICs[i].Name < inv.NICs[j].Name
+	})
+	sort.SliceStable(inv.Disks, func(i, j int) bool { return inv.Disks[i].Name < inv.Disks[j].Name })
+	sort.SliceStable(inv.Accelerators, func(i, j int) bool {
+		return inv.Accelerators[i].PCIAddress+inv.Accelerators[i].Model < inv.Accelerators[j].PCIAddress+inv.Accelerators[j].Model
+	})
+	sort.SliceStable(inv.NUMANodes, func(i, j int) bool { return inv.NUMANodes[i].ID < inv.NUMANodes[j].ID })
 }
 
 func acceleratorClass(t redfish.ProcessorType) string {

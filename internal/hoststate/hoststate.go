@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/cluster-api/util/conditions"
 
@@ -198,6 +199,9 @@ func (s *step) inspecting() stepResult {
 	})
 	if err != nil {
 		return s.failed()
+	}
+	if old := h.Status.Hardware; old != nil && sameHardware(old, inv) {
+		inv.InspectedAt = old.InspectedAt // nothing changed: don't rewrite status for a timestamp
 	}
 	if inv.InspectedAt == nil {
 		now := metav1.NewTime(s.m.now().UTC().Truncate(time.Second))
@@ -503,4 +507,11 @@ func (m *Machine) retryInterval() time.Duration {
 		return m.RetryInterval
 	}
 	return 30 * time.Second
+}
+
+// sameHardware compares inventories ignoring when they were taken.
+func sameHardware(a, b *infrav1.HardwareInventory) bool {
+	a, b = a.DeepCopy(), b.DeepCopy()
+	a.InspectedAt, b.InspectedAt = nil, nil
+	return equality.Semantic.DeepEqual(a, b)
 }

@@ -22,7 +22,7 @@ func (Simulated) Provision(_ context.Context, h *infrav1.AnvilHost, run BMCRunne
 		if err := c.SetBootDevice(ctx, bmc.BootPXE, bmc.BootOptions{UEFI: h.Spec.BootMode != infrav1.BootModeLegacy}); err != nil {
 			return err
 		}
-		return c.SetPower(ctx, bmc.PowerActionCycle)
+		return PowerCycleOrOn(ctx, c)
 	})
 	if err != nil {
 		return Outcome{}, err
@@ -42,4 +42,17 @@ func (Simulated) Deprovision(_ context.Context, _ *infrav1.AnvilHost, _ infrav1.
 		return Outcome{}, err
 	}
 	return Outcome{Done: true}, nil
+}
+
+// PowerCycleOrOn reboots a running server or starts a stopped one: BMCs refuse a power cycle
+// of a server that is off (Redfish answers "not supported in present state").
+func PowerCycleOrOn(ctx context.Context, c bmc.Client) error {
+	power, err := c.PowerState(ctx)
+	if err != nil {
+		return err
+	}
+	if power == infrav1.PowerOff {
+		return c.SetPower(ctx, bmc.PowerActionOn)
+	}
+	return c.SetPower(ctx, bmc.PowerActionCycle)
 }

@@ -1,0 +1,358 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kerrors "k8s.io/apimachinery/pkg/util/errors"
+	"k8s.io/utils/ptr"
+	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
+	"sigs.k8s.io/cluster-api/util"
+	"sigs.k8s.io/cluster-api/util/conditions"
+	"sigs.k8s.io/cluster-api/util/patch"
+	"sigs.k8s.io/cluster-api/util/paused"
+	"sigs.k8s.io/cluster-api/util/predicates"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/placement"
+)
+
+// Machine condition types.
+const (
+	ConditionHostClaimed     = "HostClaimed"
+	ConditionHostProvisioned = "HostProvisioned"
+)
+
+// ClaimedByLabel on a host carries the UID of the AnvilMachine that claims it, so "which host
+// do I hold?" is one label-selected live read, never answered from a possibly stale cache.
+const ClaimedByLabel = infrav1.LabelDomain + "/claimed-by"
+
+// BlockMoveAnnotation tells clusterctl move to wait while a BMC operation or install is in
+// flight.
+const BlockMoveAnnotation = "clusterctl.cluster.x-k8s.io/block-move"
+
+// DefaultReleaseTimeout is how long a deleted machine waits for its host to be wiped before it
+// goes anyway, leaving the host in maintenance (never Available unwiped).
+const DefaultReleaseTimeout = 20 * time.Minute
+
+// AnvilMachineReconciler claims hosts for machines and reports them to Cluster API.
+type AnvilMachineReconciler struct {
+	Client client.Client
+	// APIReader reads around the cache where a stale read could claim a second host.
+	APIReader        client.Reader
+	ReleaseTimeout   time.Duration
+	WatchFilterValue string
+}
+
+// SetupWithManager registers the controller.
+func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager, options controller.Options) error {
+	log := ctrl.LoggerFrom(ctx)
+	clusterToMachines, err := util.ClusterToTypedObjectsMapper(mgr.GetClient(), &infrav1.AnvilMachineList{}, mgr.GetScheme())
+	if err != nil {
+		return err
+	}
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&infrav1.AnvilMachine{}).
+		Watches(&clusterv1.Machine{}, handler.EnqueueRequestsFromMapFunc(util.MachineToInfrastructureMapFunc(infrav1.GroupVersion.WithKind("AnvilMachine")))).
+		Watches(&infrav1.AnvilHost{}, handler.EnqueueRequestsFromMapFunc(r.hostToMachines)).
+		// Pausing or unpausing the cluster must reach its machines (clusterctl move).
+		Watches(&clusterv1.Cluster{}, handler.EnqueueRequestsFromMapFunc(clusterToMachines),
+			builder.WithPredicates(predicates.ClusterPausedTransitions(mgr.GetScheme(), log))).
+		WithOptions(options).
+		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
+		Complete(r)
+}
+
+// hostToMachines wakes the machine holding a host, or, for an unclaimed Available host, the
+// machines of that namespace still waiting for one.
+func (r *AnvilMachineReconciler) hostToMachines(ctx context.Context, o client.Object) []reconcile.Request {
+	h := o.(*infrav1.AnvilHost)
+	if c := h.Spec.Claim; c != nil {
+		return []reconcile.Request{{NamespacedName: client.ObjectKey{Namespace: h.Namespace, Name: c.MachineRef.Name}}}
+	}
+	if h.Status.State != infrav1.HostStateAvailable {
+		return nil
+	}
+	machines := &infrav1.AnvilMachineList{}
+	if err := r.Client.List(ctx, machines, client.InNamespace(h.Namespace)); err != nil {
+		return nil
+	}
+	var reqs []reconcile.Request
+	for _, m := range machines.Items {
+		if m.Status.HostRef == nil && m.DeletionTimestamp.IsZero() {
+			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&m)})
+		}
+	}
+	return reqs
+}
+
+// Reconcile follows CAPD's order: object, owner Machine, Cluster, pause, patch helper,
+// finalizer, then delete or normal.
+func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Result, reterr error) {
+	log := ctrl.LoggerFrom(ctx)
+	am := &infrav1.AnvilMachine{}
+	if err := r.Client.Get(ctx, req.NamespacedName, am); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	machine, err := util.GetOwnerMachine(ctx, r.Client, am.ObjectMeta)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	if machine == nil {
+		log.V(4).Info("waiting for the Machine controller to set the owner reference")
+		return ctrl.Result{}, nil
+	}
+	log = log.WithValues("Machine", klogRef(machine))
+	ctx = ctrl.LoggerInto(ctx, log)
+	cluster, err := util.GetClusterFromMetadata(ctx, r.Client, machine.ObjectMeta)
+	if err != nil {
+		log.V(4).Info("machine has no cluster yet")
+		return ctrl.Result{}, nil
+	}
+
+	// Pause comes before deletion: clusterctl move pauses, then deletes the source objects,
+	// and that deletion must not release (and wipe) the hosts.
+	if isPaused, requeue, err := paused.EnsurePausedCondition(ctx, r.Client, cluster, am); err != nil || isPaused || requeue {
+		return ctrl.Result{}, err
+	}
+
+	helper, err := patch.NewHelper(am, r.Client)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	defer func() {
+		if err := helper.Patch(ctx, am, patch.WithOwnedConditions{Conditions: []string{
+			clusterv1.ReadyCondition, ConditionHostClaimed, ConditionHostProvisioned, clusterv1.PausedCondition,
+		}}); err != nil {
+			reterr = kerrors.NewAggregate([]error{reterr, err})
+		}
+	}()
+
+	if !am.DeletionTimestamp.IsZero() {
+		return r.reconcileDelete(ctx, am)
+	}
+	if controllerutil.AddFinalizer(am, infrav1.MachineFinalizer) {
+		return ctrl.Result{}, nil // persist the finalizer before claiming anything
+	}
+	return r.reconcileNormal(ctx, cluster, machine, am)
+}
+
+func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (ctrl.Result, error) {
+	if machine.Spec.Bootstrap.DataSecretName == nil {
+		setCondition(am, ConditionHostClaimed, false, "WaitingForBootstrapData", "waiting for the Machine's bootstrap data Secret")
+		setCondition(am, clusterv1.ReadyCondition, false, "WaitingForBootstrapData", "waiting for the Machine's bootstrap data Secret")
+		return ctrl.Result{}, nil
+	}
+
+	host, err := r.claimedHost(ctx, am)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	if host == nil {
+		var result ctrl.Result
+		host, result, err = r.claimHost(ctx, cluster, machine, am)
+		if err != nil || host == nil {
+			return result, err
+		}
+	}
+	am.Status.HostRef = &infrav1.MachineHostReference{Name: host.Name}
+	am.Status.FailureDomain = host.Labels[r.failureDomainLabel(ctx, cluster)]
+	setCondition(am, ConditionHostClaimed, true, "Claimed", "holding host "+host.Name)
+
+	switch host.Status.State {
+	case infrav1.HostStateProvisioned:
+		delete(am.Annotations, BlockMoveAnnotation)
+		providerID := fmt.Sprintf("anvil://%s/%s", host.Namespace, host.Name)
+		am.Spec.ProviderID = &providerID
+		am.Status.Addresses = machineAddresses(host)
+		am.Status.Initialization.Provisioned = ptr.To(true)
+		setCondition(am, ConditionHostProvisioned, true, "Provisioned", "host "+host.Name+" runs the image")
+		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
+		return ctrl.Result{}, nil
+	case infrav1.HostStateProvisioning:
+		if am.Annotations == nil {
+			am.Annotations = map[string]string{}
+		}
+		am.Annotations[BlockMoveAnnotation] = "true"
+	}
+	msg := fmt.Sprintf("host %s is %s", host.Name, host.Status.State)
+	if host.Status.LastError != nil {
+		msg += ": " + host.Status.LastError.Reason + ": " + host.Status.LastError.Message
+	}
+	setCondition(am, ConditionHostProvisioned, false, "WaitingForHost", msg)
+	setCondition(am, clusterv1.ReadyCondition, false, "WaitingForHost", msg)
+	return ctrl.Result{}, nil // the host watch wakes us
+}
+
+// claimHost chooses and claims a host with an update that carries the host's
+// resourceVersion: if anyone changed the host since we read it, the update fails and we
+// choose again. No lock is held; two machines can never both win one host.
+func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, ctrl.Result, error) {
+	hosts := &infrav1.AnvilHostList{}
+	if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace)); err != nil {
+		return nil, ctrl.Result{}, err
+	}
+	req := placement.Request{Hardware: am.Spec.Hardware, FailureDomainLabel: r.failureDomainLabel(ctx, cluster)}
+	if machine.Spec.FailureDomain != "" {
+		req.FailureDomain = machine.Spec.FailureDomain
+	}
+	if am.Spec.HostSelector != nil {
+		sel, err := metav1.LabelSelectorAsSelector(am.Spec.HostSelector)
+		if err != nil {
+			setCondition(am, ConditionHostClaimed, false, "InvalidHostSelector", "spec.hostSelector: "+err.Error())
+			return nil, ctrl.Result{}, nil
+		}
+		req.Selector = sel
+	}
+	choice := placement.Choose(hosts.Items, req)
+	if choice.Host == nil {
+		msg := choice.Explain()
+		if req.FailureDomain != "" {
+			msg += " (failure domain " + req.FailureDomain + ")"
+		}
+		setCondition(am, ConditionHostClaimed, false, "NoMatchingHost", msg)
+		setCondition(am, clusterv1.ReadyCondition, false, "NoMatchingHost", msg)
+		return nil, ctrl.Result{RequeueAfter: time.Minute}, nil
+	}
+
+	host := choice.Host.DeepCopy()
+	host.Spec.Claim = &infrav1.HostClaim{
+		MachineRef:             infrav1.MachineReference{Name: am.Name, UID: am.UID},
+		ClusterName:            cluster.Name,
+		Image:                  am.Spec.Image.DeepCopy(),
+		BootstrapDataSecretRef: &infrav1.LocalSecretReference{Name: *machine.Spec.Bootstrap.DataSecretName},
+		ProviderID:             fmt.Sprintf("anvil://%s/%s", host.Namespace, host.Name),
+		WipePolicy:             am.Spec.WipePolicy,
+	}
+	if host.Labels == nil {
+		host.Labels = map[string]string{}
+	}
+	host.Labels[ClaimedByLabel] = string(am.UID)
+	if err := r.Client.Update(ctx, host); err != nil {
+		if apierrors.IsConflict(err) {
+			// Someone else changed the host first: choose again soon, with jitter so racing
+			// machines spread out.
+			return nil, ctrl.Result{RequeueAfter: time.Duration(50+rand.IntN(200)) * time.Millisecond}, nil //nolint:gosec // jitter
+		}
+		return nil, ctrl.Result{}, err
+	}
+	ctrl.LoggerFrom(ctx).Info("claimed host", "host", host.Name, "reason", choice.Explain())
+	return host, ctrl.Result{}, nil
+}
+
+// claimedHost returns the host this machine holds, read live from the API server by label.
+func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+	hosts := &infrav1.AnvilHostList{}
+	if err := r.APIReader.List(ctx, hosts, client.InNamespace(am.Namespace), client.MatchingLabels{ClaimedByLabel: string(am.UID)}); err != nil {
+		return nil, err
+	}
+	for i := range hosts.Items {
+		if c := hosts.Items[i].Spec.Claim; c != nil && c.MachineRef.UID == am.UID {
+			return &hosts.Items[i], nil
+		}
+	}
+	return nil, nil
+}
+
+// reconcileDelete releases the host and waits until it has been wiped; after ReleaseTimeout
+// it gives up waiting, leaving the host in maintenance with the released claim, so that it is
+// wiped before it is ever handed out again.
+func (r *AnvilMachineReconciler) reconcileDelete(ctx context.Context, am *infrav1.AnvilMachine) (ctrl.Result, error) {
+	host, err := r.claimedHost(ctx, am)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	if host == nil {
+		controllerutil.RemoveFinalizer(am, infrav1.MachineFinalizer)
+		return ctrl.Result{}, nil
+	}
+	if !host.Spec.Claim.Released {
+		host.Spec.Claim.Released = true
+		host.Spec.Claim.WipePolicy = am.Spec.WipePolicy
+		if err := r.Client.Update(ctx, host); err != nil {
+			return ctrl.Result{RequeueAfter: time.Second}, client.IgnoreNotFound(err)
+		}
+		setCondition(am, ConditionHostClaimed, false, "Releasing", "host "+host.Name+" is being wiped ("+string(am.Spec.WipePolicy)+")")
+		return ctrl.Result{RequeueAfter: 2 * time.Second}, nil
+	}
+	timeout := r.ReleaseTimeout
+	if timeout <= 0 {
+		timeout = DefaultReleaseTimeout
+	}
+	if time.Since(am.DeletionTimestamp.Time) > timeout && host.Spec.Maintenance == nil {
+		reason := "release of machine " + am.Name + " timed out; the host was not wiped and will be when maintenance is cleared"
+		if host.Status.LastError != nil {
+			reason += " (last error: " + host.Status.LastError.Reason + ")"
+		}
+		host.Spec.Maintenance = &infrav1.Maintenance{Reason: reason}
+		if err := r.Client.Update(ctx, host); err != nil {
+			return ctrl.Result{RequeueAfter: time.Second}, client.IgnoreNotFound(err)
+		}
+		controllerutil.RemoveFinalizer(am, infrav1.MachineFinalizer)
+		return ctrl.Result{}, nil
+	}
+	setCondition(am, ConditionHostClaimed, false, "Releasing", fmt.Sprintf("host %s is %s", host.Name, host.Status.State))
+	return ctrl.Result{RequeueAfter: 2 * time.Second}, nil
+}
+
+// failureDomainLabel is the AnvilCluster's label for failure domains (or the default).
+func (r *AnvilMachineReconciler) failureDomainLabel(ctx context.Context, cluster *clusterv1.Cluster) string {
+	ref := cluster.Spec.InfrastructureRef
+	if ref.Name == "" {
+		return infrav1.DefaultFailureDomainLabel
+	}
+	ac := &infrav1.AnvilCluster{}
+	if err := r.Client.Get(ctx, client.ObjectKey{Namespace: cluster.Namespace, Name: ref.Name}, ac); err != nil || ac.Spec.FailureDomainLabel == "" {
+		return infrav1.DefaultFailureDomainLabel
+	}
+	return ac.Spec.FailureDomainLabel
+}
+
+// machineAddresses reports the host's name and the addresses it is known by.
+func machineAddresses(h *infrav1.AnvilHost) clusterv1.MachineAddresses {
+	addrs := clusterv1.MachineAddresses{{Type: clusterv1.MachineHostName, Address: h.Name}}
+	seen := map[string]bool{}
+	add := func(ip string) {
+		if ip == "" || seen[ip] {
+			return
+		}
+		seen[ip] = true
+		addrs = append(addrs, clusterv1.MachineAddress{Type: clusterv1.MachineInternalIP, Address: ip})
+	}
+	if bn := h.Spec.BootNetwork; bn != nil {
+		if ip, _, err := net.ParseCIDR(bn.Address); err == nil {
+			add(ip.String())
+		}
+	}
+	if hw := h.Status.Hardware; hw != nil {
+		for _, nic := range hw.NICs {
+			for _, ip := range nic.IPs {
+				add(strings.SplitN(ip, "/", 2)[0])
+			}
+		}
+	}
+	return addrs
+}
+
+func setCondition(obj conditions.Setter, condType string, ok bool, reason, message string) {
+	status := metav1.ConditionFalse
+	if ok {
+		status = metav1.ConditionTrue
+	}
+	conditions.Set(obj, metav1.Condition{Type: condType, Status: status, Reason: reason, Message: message})
+}
+
+func klogRef(o client.Object) string { return o.GetNamespace() + "/" + o.GetName() }
