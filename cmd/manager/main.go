@@ -27,18 +27,20 @@ import (
 
 // options are the manager's command-line settings.
 type options struct {
-	metricsAddr       string
-	probeAddr         string
-	leaderElect       bool
-	watchNamespace    string
-	watchFilterValue  string
-	webhookPort       int
-	webhookCertDir    string
-	hostConcurrency   int
-	bmcMaxConcurrent  int
-	bmcTimeout        time.Duration
-	powerSyncInterval time.Duration
-	zapOptions        zap.Options
+	metricsAddr        string
+	probeAddr          string
+	leaderElect        bool
+	watchNamespace     string
+	watchFilterValue   string
+	webhookPort        int
+	webhookCertDir     string
+	hostConcurrency    int
+	bmcMaxConcurrent   int
+	bmcTimeout         time.Duration
+	powerSyncInterval  time.Duration
+	machineConcurrency int
+	releaseTimeout     time.Duration
+	zapOptions         zap.Options
 }
 
 func parseFlags(args []string) (options, error) {
@@ -53,6 +55,8 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.bmcMaxConcurrent, "bmc-max-concurrency", 20, "BMC operations in flight at once across all BMCs.")
 	fs.DurationVar(&o.bmcTimeout, "bmc-timeout", 30*time.Second, "Timeout of each BMC call.")
 	fs.DurationVar(&o.powerSyncInterval, "power-sync-interval", 120*time.Second, "How often each host's power state is read (±10 % jitter).")
+	fs.IntVar(&o.machineConcurrency, "anvilmachine-concurrency", 20, "AnvilMachines reconciled at once.")
+	fs.DurationVar(&o.releaseTimeout, "release-timeout", controllers.DefaultReleaseTimeout, "How long a deleted machine waits for its host to be wiped before leaving the host in maintenance.")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
 	o.zapOptions.BindFlags(fs)
@@ -119,6 +123,18 @@ func main() {
 	}
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: o.hostConcurrency}); err != nil {
 		setupLog.Error(err, "setting up the AnvilHost controller")
+		os.Exit(1)
+	}
+
+	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
+		ReleaseTimeout: o.releaseTimeout, WatchFilterValue: o.watchFilterValue}
+	if err := machines.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: o.machineConcurrency}); err != nil {
+		setupLog.Error(err, "setting up the AnvilMachine controller")
+		os.Exit(1)
+	}
+	clusters := &controllers.AnvilClusterReconciler{Client: mgr.GetClient(), WatchFilterValue: o.watchFilterValue}
+	if err := clusters.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
+		setupLog.Error(err, "setting up the AnvilCluster controller")
 		os.Exit(1)
 	}
 
