@@ -46,6 +46,7 @@ generate: ## Generate deepcopy code.
 manifests: ## Generate CRDs and RBAC from the Go types and markers.
 	$(CONTROLLER_GEN) crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=manager-role paths=./... output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) webhook paths=./internal/webhooks/... output:webhook:artifacts:config=config/webhook
 
 .PHONY: verify-gen
 verify-gen: generate manifests ## Fail if generated files are stale.

@@ -23,6 +23,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/webhooks"
 )
 
 // options are the manager's command-line settings.
@@ -40,6 +41,8 @@ type options struct {
 	powerSyncInterval  time.Duration
 	machineConcurrency int
 	releaseTimeout     time.Duration
+	enableWebhooks     bool
+	allowLocalImages   bool
 	zapOptions         zap.Options
 }
 
@@ -57,6 +60,8 @@ func parseFlags(args []string) (options, error) {
 	fs.DurationVar(&o.powerSyncInterval, "power-sync-interval", 120*time.Second, "How often each host's power state is read (±10 % jitter).")
 	fs.IntVar(&o.machineConcurrency, "anvilmachine-concurrency", 20, "AnvilMachines reconciled at once.")
 	fs.DurationVar(&o.releaseTimeout, "release-timeout", controllers.DefaultReleaseTimeout, "How long a deleted machine waits for its host to be wiped before leaving the host in maintenance.")
+	fs.BoolVar(&o.enableWebhooks, "webhooks", true, "Serve the admission webhooks.")
+	fs.BoolVar(&o.allowLocalImages, "allow-local-images", false, "Accept image URLs on loopback or link-local addresses (labs only).")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
 	o.zapOptions.BindFlags(fs)
@@ -136,6 +141,13 @@ func main() {
 	if err := clusters.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
 		setupLog.Error(err, "setting up the AnvilCluster controller")
 		os.Exit(1)
+	}
+
+	if o.enableWebhooks {
+		if err := webhooks.SetupWithManager(mgr, webhooks.Options{AllowLocalImages: o.allowLocalImages}); err != nil {
+			setupLog.Error(err, "setting up webhooks")
+			os.Exit(1)
+		}
 	}
 
 	setupLog.Info("starting manager")

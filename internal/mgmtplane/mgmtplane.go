@@ -24,6 +24,7 @@ import (
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 
@@ -56,9 +57,19 @@ func NewScheme() *k8sruntime.Scheme {
 	return s
 }
 
+// Options change what Start installs.
+type Options struct {
+	// Webhooks installs Anvil's webhook configurations (config/webhook), pointed at a local
+	// serving address and certificate that Environment.WebhookServer uses.
+	Webhooks bool
+}
+
 // Start runs kube-apiserver and etcd with every CRD installed. The binaries come from
 // KUBEBUILDER_ASSETS, or from bin/envtest/<version> as built by hack/envtest-bins.sh.
-func Start() (*Environment, error) {
+func Start() (*Environment, error) { return StartWithOptions(Options{}) }
+
+// StartWithOptions is Start with options.
+func StartWithOptions(opts Options) (*Environment, error) {
 	root, err := repoRoot()
 	if err != nil {
 		return nil, err
@@ -81,6 +92,9 @@ func Start() (*Environment, error) {
 		ErrorIfCRDPathMissing: true,
 		Scheme:                scheme,
 	}
+	if opts.Webhooks {
+		env.WebhookInstallOptions = envtest.WebhookInstallOptions{Paths: []string{filepath.Join(root, "config", "webhook", "manifests.yaml")}}
+	}
 	cfg, err := env.Start()
 	if err != nil {
 		return nil, fmt.Errorf("starting envtest with binaries from %s: %w", assets, err)
@@ -91,6 +105,13 @@ func Start() (*Environment, error) {
 		return nil, err
 	}
 	return &Environment{Config: cfg, Client: c, Scheme: scheme, env: env}, nil
+}
+
+// WebhookServer returns a webhook server options matching the installed configurations
+// (valid only when started with Options.Webhooks).
+func (e *Environment) WebhookServer() webhook.Options {
+	w := e.env.WebhookInstallOptions
+	return webhook.Options{Host: w.LocalServingHost, Port: w.LocalServingPort, CertDir: w.LocalServingCertDir}
 }
 
 // Stop shuts the API server and etcd down.
