@@ -212,8 +212,9 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	if am.Spec.HostSelector != nil {
 		sel, err := metav1.LabelSelectorAsSelector(am.Spec.HostSelector)
 		if err != nil {
+			// A user error, not a transient one: say so and wait for the spec to change.
 			setCondition(am, ConditionHostClaimed, false, "InvalidHostSelector", "spec.hostSelector: "+err.Error())
-			return nil, ctrl.Result{}, nil
+			return nil, ctrl.Result{}, nil //nolint:nilerr // retrying cannot fix the spec; the condition reports it
 		}
 		req.Selector = sel
 	}

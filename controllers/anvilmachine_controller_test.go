@@ -63,7 +63,7 @@ func (f *capiFixture) machine(name, failureDomain string) *infrav1.AnvilMachine 
 		Data: map[string][]byte{"value": []byte("#cloud-config\n"), "format": []byte("cloud-config")}})
 	m := &clusterv1.Machine{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: f.ns, Labels: map[string]string{clusterv1.ClusterNameLabel: "prod"}},
 		Spec: clusterv1.MachineSpec{ClusterName: "prod", FailureDomain: failureDomain,
-			Bootstrap: clusterv1.Bootstrap{DataSecretName: ptr.To(name + "-bootstrap")},
+			Bootstrap:         clusterv1.Bootstrap{DataSecretName: ptr.To(name + "-bootstrap")},
 			InfrastructureRef: clusterv1.ContractVersionedObjectReference{APIGroup: infrav1.GroupVersion.Group, Kind: "AnvilMachine", Name: name}}}
 	f.create(m)
 	am := &infrav1.AnvilMachine{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: f.ns,

@@ -338,4 +338,3 @@ func (w *remediationTemplateWebhook) ValidateUpdate(_ context.Context, _, t *inf
 func (w *remediationTemplateWebhook) ValidateDelete(context.Context, *infrav1.AnvilRemediationTemplate) (admission.Warnings, error) {
 	return nil, nil
 }
-
