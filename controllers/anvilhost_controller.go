@@ -133,6 +133,10 @@ func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1
 	if v, ok := r.powerSyncedAt.Load(host.UID); ok {
 		lastSync = v.(time.Time)
 	}
+	if _, ok := host.Annotations[infrav1.SyncPowerAnnotation]; ok {
+		lastSync = time.Time{} // on demand: read power now
+		delete(host.Annotations, infrav1.SyncPowerAnnotation)
+	}
 	before := host.Status.State
 	res := r.StateMachine.Step(ctx, hoststate.Input{Host: host, Target: target, TargetErr: targetErr, LastPowerSync: lastSync})
 

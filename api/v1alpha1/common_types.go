@@ -3,6 +3,10 @@ package v1alpha1
 // LabelDomain prefixes every label and annotation that Anvil owns.
 const LabelDomain = "anvil.cluster.x-k8s.io"
 
+// SyncPowerAnnotation on an AnvilHost asks for its power state to be read now rather than at
+// the next periodic sync; the controller removes it once done.
+const SyncPowerAnnotation = LabelDomain + "/sync-power"
+
 // DefaultFailureDomainLabel is the host label that names a host's failure domain unless an
 // AnvilCluster says otherwise.
 const DefaultFailureDomainLabel = "topology.kubernetes.io/zone"
