@@ -24,10 +24,11 @@ import (
 type capiFixture struct {
 	*hostFixture
 	cluster *clusterv1.Cluster
+	bmcs    map[string]*redfish.BMC // by host name
 }
 
 func newCAPIFixture(t *testing.T, zones ...string) *capiFixture {
-	f := &capiFixture{hostFixture: newHostFixture(t)}
+	f := &capiFixture{hostFixture: newHostFixture(t), bmcs: map[string]*redfish.BMC{}}
 	ctx := context.Background()
 	f.cluster = &clusterv1.Cluster{ObjectMeta: metav1.ObjectMeta{Name: "prod", Namespace: f.ns},
 		Spec: clusterv1.ClusterSpec{InfrastructureRef: clusterv1.ContractVersionedObjectReference{
@@ -39,7 +40,8 @@ func newCAPIFixture(t *testing.T, zones ...string) *capiFixture {
 		Spec: infrav1.AnvilClusterSpec{ControlPlaneEndpoint: clusterv1.APIEndpoint{Host: "192.168.10.100", Port: 6443}}}
 	f.create(ac)
 	for i, zone := range zones {
-		_, host := f.emulatedBMC(fmt.Sprintf("host-%d", i), "pw", redfish.MockupLocalStorage, i+10)
+		b, host := f.emulatedBMC(fmt.Sprintf("host-%d", i), "pw", redfish.MockupLocalStorage, i+10)
+		f.bmcs[host.Name] = b
 		host.Labels = map[string]string{infrav1.DefaultFailureDomainLabel: zone}
 		host.Spec.BootNetwork = &infrav1.BootNetwork{Address: fmt.Sprintf("192.168.10.%d/24", 20+i)}
 		f.create(f.secret(host.Name, "pw"))

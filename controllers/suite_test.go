@@ -55,6 +55,9 @@ func TestMain(m *testing.M) {
 	if err := clusters.SetupWithManager(ctx, mgr, controller.Options{}); err != nil {
 		panic(err)
 	}
+	if err := (&AnvilRemediationReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr, controller.Options{}); err != nil {
+		panic(err)
+	}
 	go func() {
 		if err := mgr.Start(ctx); err != nil {
 			panic(err)

@@ -7,6 +7,11 @@ const LabelDomain = "anvil.cluster.x-k8s.io"
 // the next periodic sync; the controller removes it once done.
 const SyncPowerAnnotation = LabelDomain + "/sync-power"
 
+// RebootAnnotation on an AnvilHost asks the host controller (the only component that talks to
+// BMCs) to power-cycle the server once; its value identifies the request. The controller
+// removes it when the cycle was issued.
+const RebootAnnotation = LabelDomain + "/reboot"
+
 // DefaultFailureDomainLabel is the host label that names a host's failure domain unless an
 // AnvilCluster says otherwise.
 const DefaultFailureDomainLabel = "topology.kubernetes.io/zone"

@@ -143,6 +143,10 @@ func main() {
 		os.Exit(1)
 	}
 
+	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
+		setupLog.Error(err, "setting up the AnvilRemediation controller")
+		os.Exit(1)
+	}
 	if o.enableWebhooks {
 		if err := webhooks.SetupWithManager(mgr, webhooks.Options{AllowLocalImages: o.allowLocalImages}); err != nil {
 			setupLog.Error(err, "setting up webhooks")

@@ -255,8 +255,19 @@ func (s *step) provisioning() stepResult {
 }
 
 func (s *step) provisioned() stepResult {
-	if c := s.in.Host.Spec.Claim; c == nil || c.Released {
+	h := s.in.Host
+	if c := h.Spec.Claim; c == nil || c.Released {
 		return stepResult{next: infrav1.HostStateDeprovisioning, cont: true}
+	}
+	if request, ok := h.Annotations[infrav1.RebootAnnotation]; ok {
+		if err := s.runBMC("power-cycle", PowerCycleOrOn); err != nil {
+			return s.failed()
+		}
+		delete(h.Annotations, infrav1.RebootAnnotation)
+		h.Status.Power = infrav1.PowerOn
+		s.res.Events = append(s.res.Events, Event{Reason: "Rebooted", Message: "power-cycled on request " + request})
+		s.res.PowerSynced = true
+		return stepResult{requeueAfter: s.m.powerSyncInterval()}
 	}
 	return s.keepPower()
 }
