@@ -289,6 +289,12 @@ func (r *AnvilMachineReconciler) reconcileDelete(ctx context.Context, am *infrav
 		setCondition(am, ConditionHostClaimed, false, "Releasing", "host "+host.Name+" is being wiped ("+string(am.Spec.WipePolicy)+")")
 		return ctrl.Result{RequeueAfter: 2 * time.Second}, nil
 	}
+	if host.Spec.Maintenance != nil {
+		// The host is out for repair (e.g. after a failed remediation): its released claim
+		// makes it wipe when the operator clears maintenance, so the machine need not wait.
+		controllerutil.RemoveFinalizer(am, infrav1.MachineFinalizer)
+		return ctrl.Result{}, nil
+	}
 	timeout := r.ReleaseTimeout
 	if timeout <= 0 {
 		timeout = DefaultReleaseTimeout

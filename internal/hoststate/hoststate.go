@@ -72,7 +72,8 @@ type Result struct {
 	// BMCAlive is true when the BMC answered during this step: the caller renews the host's
 	// liveness Lease instead of rewriting status.
 	BMCAlive bool
-	// ReleaseClaim asks the caller to remove spec.claim (deprovisioning finished).
+	// ReleaseClaim says spec.claim was removed (deprovisioning finished): the caller drops
+	// what it keeps alongside the claim.
 	ReleaseClaim bool
 	// PowerSynced is true when power was read: the caller remembers when.
 	PowerSynced bool
@@ -289,8 +290,10 @@ func (s *step) deprovisioning() stepResult {
 	}
 	conditions.Delete(h, ConditionProvisioned)
 	h.Status.BootSlots = nil
+	h.Spec.Claim = nil
 	s.res.ReleaseClaim = true
-	return stepResult{next: infrav1.HostStateAvailable}
+	// Re-inspect before handing the host out again: it may have been repaired or changed.
+	return stepResult{next: infrav1.HostStateInspecting, cont: true}
 }
 
 // maintenance does nothing but read power: an operator is working on the server.
