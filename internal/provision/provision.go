@@ -124,7 +124,7 @@ func (b *Backend) Provision(ctx context.Context, h *infrav1.AnvilHost, run hosts
 			return nil, err
 		}
 		install := agentapi.Task{ID: id + "-install", Kind: agentapi.TaskInstall, RootDeviceHints: h.Spec.RootDeviceHints,
-			Image: &agentapi.Image{URL: url, Checksum: claim.Image.Checksum, Format: claim.Image.Format, Layout: claim.Image.Layout},
+			Image:       &agentapi.Image{URL: url, Checksum: claim.Image.Checksum, Format: claim.Image.Format, Layout: claim.Image.Layout},
 			ConfigDrive: &agentapi.ConfigDrive{MetaData: agentapi.MetaData{InstanceID: h.Name + "-" + id, LocalHostname: h.Name, ProviderID: claim.ProviderID}}}
 		return []agentapi.Task{install, {ID: id + "-reboot", Kind: agentapi.TaskReboot}}, nil
 	})

@@ -43,7 +43,7 @@ func newRig(t *testing.T) *rig {
 	secrets := fake.NewClientBuilder().WithScheme(clientgoscheme.Scheme).WithObjects(&corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: "m-0-bootstrap", Namespace: "ns"}, Data: map[string][]byte{"value": []byte("#cloud-config\nsecret-ca-key: xyz\n")}}).Build()
 	r.backend = New(Options{Secrets: secrets, Now: r.clock, BootTimeout: 10 * time.Minute,
-		Notify: func(types.NamespacedName) { r.mu.Lock(); r.woken++; r.mu.Unlock() },
+		Notify:   func(types.NamespacedName) { r.mu.Lock(); r.woken++; r.mu.Unlock() },
 		ImageURL: func(img infrav1.Image) (string, error) { return "http://boot.lab/images/" + img.Checksum[7:15], nil }})
 	var err error
 	r.tokens, err = token.NewIssuer(token.Options{Now: r.clock})
