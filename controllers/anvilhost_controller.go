@@ -25,8 +25,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
@@ -50,6 +52,8 @@ type AnvilHostReconciler struct {
 	// BMCTimeout bounds each BMC call.
 	BMCTimeout       time.Duration
 	WatchFilterValue string
+	// Wake, when set, delivers hosts to reconcile at once (the agent reported progress).
+	Wake <-chan event.TypedGenericEvent[*infrav1.AnvilHost]
 
 	// powerSyncedAt and leaseRenewedAt are per-host memories (by UID) that keep steady-state
 	// polling from writing anything: lost on restart, which only causes one early poll.
@@ -70,7 +74,11 @@ func (r *AnvilHostReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Man
 		return err
 	}
 	log := ctrl.LoggerFrom(ctx)
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr)
+	if r.Wake != nil {
+		b = b.WatchesRawSource(source.Channel(r.Wake, &handler.TypedEnqueueRequestForObject[*infrav1.AnvilHost]{}))
+	}
+	return b.
 		// Status writes (our own) must not wake the host again: only spec, label and
 		// annotation changes do, and timed requeues pace everything else.
 		For(&infrav1.AnvilHost{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{},
@@ -244,4 +252,15 @@ func (r *AnvilHostReconciler) renewLease(ctx context.Context, host *infrav1.Anvi
 	}
 	r.leaseRenewedAt.Store(host.UID, time.Now())
 	return nil
+}
+
+// WakeFunc turns host keys into events for AnvilHostReconciler.Wake without ever blocking the
+// caller (the agent API): when the channel is full a reconcile is already pending.
+func WakeFunc(ch chan<- event.TypedGenericEvent[*infrav1.AnvilHost]) func(types.NamespacedName) {
+	return func(k types.NamespacedName) {
+		select {
+		case ch <- event.TypedGenericEvent[*infrav1.AnvilHost]{Object: &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Namespace: k.Namespace, Name: k.Name}}}:
+		default:
+		}
+	}
 }

@@ -13,6 +13,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
@@ -22,7 +23,9 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/provision"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/webhooks"
 )
 
@@ -43,6 +46,12 @@ type options struct {
 	releaseTimeout     time.Duration
 	enableWebhooks     bool
 	allowLocalImages   bool
+	provisioner        string
+	bootHTTPAddress    string
+	bootPublicURL      string
+	artifactsDir       string
+	imageCacheDir      string
+	imageCacheBytes    int64
 	zapOptions         zap.Options
 }
 
@@ -62,6 +71,12 @@ func parseFlags(args []string) (options, error) {
 	fs.DurationVar(&o.releaseTimeout, "release-timeout", controllers.DefaultReleaseTimeout, "How long a deleted machine waits for its host to be wiped before leaving the host in maintenance.")
 	fs.BoolVar(&o.enableWebhooks, "webhooks", true, "Serve the admission webhooks.")
 	fs.BoolVar(&o.allowLocalImages, "allow-local-images", false, "Accept image URLs on loopback or link-local addresses (labs only).")
+	fs.StringVar(&o.provisioner, "provisioner", "agent", "Provisioning backend: agent (network-boot the Anvil agent) or simulated (BMC only; for tests and demos).")
+	fs.StringVar(&o.bootHTTPAddress, "boot-http-address", ":8081", "Address of the boot HTTP endpoints (iPXE scripts, artifacts, image cache, agent API).")
+	fs.StringVar(&o.bootPublicURL, "boot-public-url", "", "How servers on the provisioning network reach the boot HTTP endpoints, e.g. http://192.168.10.1:8081.")
+	fs.StringVar(&o.artifactsDir, "agent-artifacts-dir", "/usr/share/anvil/agent", "Directory with the agent kernel (vmlinuz) and initramfs.")
+	fs.StringVar(&o.imageCacheDir, "image-cache-dir", "/var/cache/anvil/images", "Directory of the pull-through image cache.")
+	fs.Int64Var(&o.imageCacheBytes, "image-cache-bytes", 50<<30, "Size limit of the image cache in bytes.")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
 	o.zapOptions.BindFlags(fs)
@@ -117,14 +132,37 @@ func main() {
 		os.Exit(1)
 	}
 	ctrlmetrics.Registry.MustRegister(controllers.NewHostStateCollector(mgr.GetClient()))
+	wake := make(chan event.TypedGenericEvent[*infrav1.AnvilHost], 1024)
+	var provisioner hoststate.Provisioner = hoststate.Simulated{}
+	switch o.provisioner {
+	case "simulated":
+	case "agent":
+		boot, err := bootservices.New(bootservices.Config{HTTPAddress: o.bootHTTPAddress, PublicURL: o.bootPublicURL,
+			ArtifactsDir: o.artifactsDir, ImageCacheDir: o.imageCacheDir, ImageCacheBytes: o.imageCacheBytes,
+			AllowLocalImages: o.allowLocalImages, Log: ctrl.Log.WithName("boot"),
+			Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake)}})
+		if err != nil {
+			setupLog.Error(err, "setting up the boot services")
+			os.Exit(1)
+		}
+		if err := mgr.Add(boot); err != nil {
+			setupLog.Error(err, "adding the boot services")
+			os.Exit(1)
+		}
+		provisioner = boot.Backend
+	default:
+		setupLog.Error(nil, "--provisioner must be agent or simulated", "provisioner", o.provisioner)
+		os.Exit(2)
+	}
 	hosts := &controllers.AnvilHostReconciler{
 		Client:   mgr.GetClient(),
 		Recorder: mgr.GetEventRecorder("anvilhost-controller"),
 		Pool:     pool,
-		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: hoststate.Simulated{},
+		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: provisioner,
 			PowerSyncInterval: o.powerSyncInterval},
 		BMCTimeout:       o.bmcTimeout,
 		WatchFilterValue: o.watchFilterValue,
+		Wake:             wake,
 	}
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: o.hostConcurrency}); err != nil {
 		setupLog.Error(err, "setting up the AnvilHost controller")
