@@ -1,0 +1,227 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrImageChanged means the server started serving different bytes while a download was
+// being resumed (its ETag or Last-Modified changed).
+var ErrImageChanged = errors.New("image changed on the server during the download")
+
+// resumableBody reads an HTTP resource from start to end and, when the connection drops,
+// continues where it stopped with a Range request (guarded by If-Range, so a changed
+// resource is never spliced onto the old one). Retries are bounded: MaxRetries consecutive
+// failures without a single new byte end the download.
+type resumableBody struct {
+	ctx        context.Context
+	client     *http.Client
+	url        string
+	header     http.Header
+	maxRetries int
+	backoff    time.Duration
+	onRetry    func(offset int64, err error)
+
+	body      io.ReadCloser
+	off       int64 // bytes delivered so far
+	total     int64 // full length, -1 when unknown
+	validator string
+	failures  int
+	// Resumes counts successful reconnects, for reports and tests.
+	Resumes int
+}
+
+func newResumableBody(ctx context.Context, client *http.Client, url string, header http.Header, maxRetries int, backoff time.Duration) *resumableBody {
+	return &resumableBody{ctx: ctx, client: client, url: url, header: header, maxRetries: maxRetries, backoff: backoff, total: -1}
+}
+
+// DownloadError is a failure to fetch the image (as opposed to decoding or writing it).
+type DownloadError struct{ Err error }
+
+func (e *DownloadError) Error() string { return e.Err.Error() }
+func (e *DownloadError) Unwrap() error { return e.Err }
+
+// permanentError is an HTTP failure that retrying cannot fix.
+type permanentError struct{ error }
+
+func (e permanentError) Unwrap() error { return e.error }
+
+// open issues the request for the bytes from r.off on.
+func (r *resumableBody) open() error {
+	req, err := http.NewRequestWithContext(r.ctx, http.MethodGet, r.url, nil)
+	if err != nil {
+		return permanentError{err}
+	}
+	for k, v := range r.header {
+		req.Header[k] = v
+	}
+	// Compressed transfer encodings would make offsets meaningless.
+	req.Header.Set("Accept-Encoding", "identity")
+	if r.off > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", r.off))
+		if r.validator != "" {
+			req.Header.Set("If-Range", r.validator)
+		}
+	}
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return err
+	}
+	fail := func(err error) error {
+		_ = resp.Body.Close()
+		return err
+	}
+	switch {
+	case r.off == 0 && resp.StatusCode == http.StatusOK:
+		r.total = resp.ContentLength
+		if et := resp.Header.Get("ETag"); et != "" && !strings.HasPrefix(et, "W/") {
+			r.validator = et // If-Range needs a strong validator
+		} else if lm := resp.Header.Get("Last-Modified"); lm != "" {
+			r.validator = lm
+		}
+	case r.off > 0 && resp.StatusCode == http.StatusPartialContent:
+		start, total, err := parseContentRange(resp.Header.Get("Content-Range"))
+		if err != nil || start != r.off || (r.total >= 0 && total >= 0 && total != r.total) {
+			return fail(permanentError{fmt.Errorf("resuming at %d: unexpected Content-Range %q", r.off, resp.Header.Get("Content-Range"))})
+		}
+	case r.off > 0 && resp.StatusCode == http.StatusOK:
+		if r.validator != "" {
+			// If-Range did not match: the resource changed.
+			return fail(permanentError{ErrImageChanged})
+		}
+		// The server ignores Range: skip what we already have.
+		if _, err := io.CopyN(io.Discard, resp.Body, r.off); err != nil {
+			return fail(err)
+		}
+	default:
+		err := fmt.Errorf("GET %s: %s", redactURL(r.url), resp.Status)
+		if resp.StatusCode >= 500 || resp.StatusCode == http.StatusRequestTimeout || resp.StatusCode == http.StatusTooManyRequests {
+			return fail(err)
+		}
+		return fail(permanentError{err})
+	}
+	r.body = resp.Body
+	return nil
+}
+
+func parseContentRange(s string) (start, total int64, err error) {
+	// bytes START-END/TOTAL (TOTAL may be *)
+	rest, ok := strings.CutPrefix(s, "bytes ")
+	if !ok {
+		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
+	}
+	rng, tot, ok := strings.Cut(rest, "/")
+	if !ok {
+		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
+	}
+	a, _, ok := strings.Cut(rng, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("bad Content-Range %q", s)
+	}
+	if start, err = strconv.ParseInt(a, 10, 64); err != nil {
+		return 0, 0, err
+	}
+	total = -1
+	if tot != "*" {
+		if total, err = strconv.ParseInt(tot, 10, 64); err != nil {
+			return 0, 0, err
+		}
+	}
+	return start, total, nil
+}
+
+// Read implements io.Reader.
+func (r *resumableBody) Read(p []byte) (int, error) {
+	for {
+		if err := r.ctx.Err(); err != nil {
+			return 0, &DownloadError{err}
+		}
+		if r.body == nil {
+			if err := r.open(); err != nil {
+				if errors.As(err, new(permanentError)) || r.ctx.Err() != nil {
+					return 0, &DownloadError{err}
+				}
+				if werr := r.retry(err); werr != nil {
+					return 0, werr
+				}
+				continue
+			}
+			if r.off > 0 {
+				r.Resumes++
+			}
+		}
+		n, err := r.body.Read(p)
+		r.off += int64(n)
+		if n > 0 {
+			r.failures = 0
+		}
+		switch {
+		case err == nil:
+			return n, nil
+		case errors.Is(err, io.EOF) && (r.total < 0 || r.off >= r.total):
+			return n, io.EOF
+		case errors.Is(err, io.EOF):
+			err = fmt.Errorf("connection closed after %d of %d bytes: %w", r.off, r.total, io.ErrUnexpectedEOF)
+		}
+		_ = r.body.Close()
+		r.body = nil
+		if r.ctx.Err() != nil {
+			return n, &DownloadError{r.ctx.Err()}
+		}
+		if n > 0 {
+			return n, nil // deliver what arrived; the next Read reconnects
+		}
+		if werr := r.retry(err); werr != nil {
+			return 0, werr
+		}
+	}
+}
+
+func (r *resumableBody) retry(err error) error {
+	r.failures++
+	if r.failures > r.maxRetries {
+		return &DownloadError{fmt.Errorf("download of %s failed at byte %d after %d attempts: %w", redactURL(r.url), r.off, r.failures, err)}
+	}
+	if r.onRetry != nil {
+		r.onRetry(r.off, err)
+	}
+	d := r.backoff << min(r.failures-1, 6)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-r.ctx.Done():
+		return &DownloadError{r.ctx.Err()}
+	case <-t.C:
+		return nil
+	}
+}
+
+// Close releases the connection.
+func (r *resumableBody) Close() error {
+	if r.body != nil {
+		err := r.body.Close()
+		r.body = nil
+		return err
+	}
+	return nil
+}
+
+// redactURL drops credentials and query strings (which may carry tokens) from messages.
+func redactURL(u string) string {
+	if i := strings.IndexAny(u, "?#"); i >= 0 {
+		u = u[:i]
+	}
+	if s, rest, ok := strings.Cut(u, "://"); ok {
+		if at := strings.IndexByte(rest, '@'); at >= 0 && at < strings.IndexByte(rest+"/", '/') {
+			rest = rest[at+1:]
+		}
+		return s + "://" + rest
+	}
+	return u
+}
