@@ -9,6 +9,18 @@ wanted=(
   ipmitool:ipmitool
   redfishtool:redfishtool
   python3-sushy:/usr/lib/python3/dist-packages/sushy
+  gdisk:sgdisk
+  fdisk:sfdisk
+  mtools:mcopy
+  dosfstools:mkfs.fat
+  e2fsprogs:mkfs.ext4
+  grub-common:grub-editenv
+  grub-efi-amd64-bin:/usr/lib/grub/x86_64-efi
+  grub-pc-bin:/usr/lib/grub/i386-pc
+  grub-emu:grub-emu
+  curl:curl
+  zstd:zstd
+  xz-utils:xz
 )
 
 missing=()
