@@ -64,7 +64,7 @@ func mountKernelFilesystems() error {
 	for _, m := range []struct{ source, target, fstype string }{
 		{"proc", "/proc", "proc"}, {"sysfs", "/sys", "sysfs"}, {"devtmpfs", "/dev", "devtmpfs"},
 	} {
-		if err := os.MkdirAll(m.target, 0o755); err != nil {
+		if err := os.MkdirAll(m.target, 0o755); err != nil { //nolint:gosec // /proc, /sys and /dev must be world-readable
 			return err
 		}
 		if err := unix.Mount(m.source, m.target, m.fstype, 0, ""); err != nil && err != unix.EBUSY {

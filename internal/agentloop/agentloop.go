@@ -51,7 +51,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	inventory := cfg.Inventory
 	if inventory == nil {
-		inventory = func() (*infrav1.HardwareInventory, error) { return agent.Inventory(agent.InventoryOptions{Roots: cfg.Roots}) }
+		inventory = func() (*infrav1.HardwareInventory, error) {
+			return agent.Inventory(agent.InventoryOptions{Roots: cfg.Roots})
+		}
 	}
 	inv, err := inventory()
 	if err != nil {
@@ -132,7 +134,7 @@ func install(ctx context.Context, cfg Config, client *agentapi.Client, task agen
 			if p.DownloadTotal <= 0 {
 				return
 			}
-			percent := int32(p.Downloaded * 100 / p.DownloadTotal)
+			percent := int32(min(p.Downloaded*100/p.DownloadTotal, 100)) //nolint:gosec // bounded to 0..100
 			if percent-lastPercent >= 10 { // a report per tenth keeps the API quiet
 				lastPercent = percent
 				_ = client.Progress(ctx, agentapi.Progress{TaskID: task.ID, Step: "write", Percent: percent,
