@@ -135,7 +135,7 @@ func install(ctx context.Context, cfg Config, client *agentapi.Client, task agen
 				return
 			}
 			percent := int32(min(p.Downloaded*100/p.DownloadTotal, 100)) //nolint:gosec // bounded to 0..100
-			if percent-lastPercent >= 10 { // a report per tenth keeps the API quiet
+			if percent-lastPercent >= 10 {                               // a report per tenth keeps the API quiet
 				lastPercent = percent
 				_ = client.Progress(ctx, agentapi.Progress{TaskID: task.ID, Step: "write", Percent: percent,
 					Message: fmt.Sprintf("%d MiB written", p.Written>>20)})
