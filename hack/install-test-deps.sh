@@ -21,6 +21,15 @@ wanted=(
   curl:curl
   zstd:zstd
   xz-utils:xz
+  dnsmasq:dnsmasq
+  isc-dhcp-client:dhclient
+  udhcpc:udhcpc
+  busybox:busybox
+  tftp-hpa:tftp
+  atftp:atftp
+  ipxe:/usr/lib/ipxe/undionly.kpxe
+  kea-admin:perfdhcp
+  iproute2:ip
 )
 
 missing=()
