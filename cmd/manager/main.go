@@ -4,6 +4,7 @@ package main
 
 import (
 	"flag"
+	"net/netip"
 	"os"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/provision"
@@ -52,6 +54,10 @@ type options struct {
 	artifactsDir       string
 	imageCacheDir      string
 	imageCacheBytes    int64
+	dhcpMode           string
+	dhcpInterface      string
+	provisioningIP     string
+	tftpDir            string
 	zapOptions         zap.Options
 }
 
@@ -77,6 +83,10 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.artifactsDir, "agent-artifacts-dir", "/usr/share/anvil/agent", "Directory with the agent kernel (vmlinuz) and initramfs.")
 	fs.StringVar(&o.imageCacheDir, "image-cache-dir", "/var/cache/anvil/images", "Directory of the pull-through image cache.")
 	fs.Int64Var(&o.imageCacheBytes, "image-cache-bytes", 50<<30, "Size limit of the image cache in bytes.")
+	fs.StringVar(&o.dhcpMode, "dhcp-mode", "off", "DHCP on the provisioning network: proxy (beside the site's DHCP), reservation (addresses from spec.bootNetwork), or off.")
+	fs.StringVar(&o.dhcpInterface, "dhcp-interface", "", "Interface on the provisioning network (required unless --dhcp-mode=off).")
+	fs.StringVar(&o.provisioningIP, "provisioning-ip", "", "This machine's address on the provisioning network (DHCP server id and TFTP server).")
+	fs.StringVar(&o.tftpDir, "tftp-dir", "/usr/lib/ipxe", "Directory with the iPXE binaries served over TFTP.")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
 	o.zapOptions.BindFlags(fs)
@@ -137,9 +147,17 @@ func main() {
 	switch o.provisioner {
 	case "simulated":
 	case "agent":
+		var provisioningIP netip.Addr
+		if o.provisioningIP != "" {
+			if provisioningIP, err = netip.ParseAddr(o.provisioningIP); err != nil {
+				setupLog.Error(err, "--provisioning-ip")
+				os.Exit(2)
+			}
+		}
 		boot, err := bootservices.New(bootservices.Config{HTTPAddress: o.bootHTTPAddress, PublicURL: o.bootPublicURL,
 			ArtifactsDir: o.artifactsDir, ImageCacheDir: o.imageCacheDir, ImageCacheBytes: o.imageCacheBytes,
 			AllowLocalImages: o.allowLocalImages, Log: ctrl.Log.WithName("boot"),
+			DHCPMode: dhcp.Mode(o.dhcpMode), DHCPInterface: o.dhcpInterface, ServerIP: provisioningIP, TFTPDir: o.tftpDir,
 			Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake)}})
 		if err != nil {
 			setupLog.Error(err, "setting up the boot services")

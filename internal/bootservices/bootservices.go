@@ -10,13 +10,16 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 
 	"github.com/go-logr/logr"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/agentapi"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/httpboot"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/tftp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/token"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/imagecache"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/provision"
@@ -38,6 +41,15 @@ type Config struct {
 	AllowLocalImages bool
 	// TokenKey signs boot tokens; empty draws a random one (tokens then die with the process).
 	TokenKey []byte
+	// DHCP serves proxy or reservation DHCP on DHCPInterface (mode off: the site's DHCP
+	// points servers at TFTPDir's iPXE and at PublicURL/ipxe/boot.ipxe itself).
+	DHCPMode      dhcp.Mode
+	DHCPInterface string
+	// ServerIP is this machine's address on the provisioning network (DHCP server id, TFTP).
+	ServerIP netip.Addr
+	// TFTPAddress serves the iPXE binaries (default ":69" when DHCP is on); TFTPDir holds them
+	// (default Debian's /usr/lib/ipxe).
+	TFTPAddress, TFTPDir string
 	// Backend options (Secrets reader, Notify, timeouts); ImageURL is filled in here.
 	Backend provision.Options
 	Log     logr.Logger
@@ -51,6 +63,10 @@ type Services struct {
 	Images   *imagecache.Cache
 	listener net.Listener
 	server   *http.Server
+	dhcp     *dhcp.Server
+	tftp     *tftp.Server
+	// Booting is the DHCP server's view: the MACs Anvil is network-booting now.
+	Booting *dhcp.MemoryHosts
 	// SecurityEvents receives what the agent API flags (forged tokens, second registrations).
 	SecurityEvents func(agentapi.SecurityEvent)
 }
@@ -76,7 +92,16 @@ func New(cfg Config) (*Services, error) {
 	backendOpts.ImageURL = func(img infrav1.Image) (string, error) {
 		return s.Images.URL(s.cfg.PublicURL, imagecache.Source{URL: img.URL, Checksum: img.Checksum, Format: img.Format})
 	}
+	s.Booting = dhcp.NewMemoryHosts()
+	backendOpts.OnBoot = func(mac net.HardwareAddr, h *infrav1.AnvilHost) { _ = s.Booting.Set(mac, dhcpHost(h)) }
+	backendOpts.OnBootDone = s.Booting.Delete
 	s.Backend = provision.New(backendOpts)
+	if cfg.DHCPMode != "" && cfg.DHCPMode != dhcp.ModeOff {
+		if err := s.setupDHCPAndTFTP(); err != nil {
+			_ = s.listener.Close()
+			return nil, err
+		}
+	}
 
 	api, err := agentapi.NewServer(agentapi.ServerOptions{Tokens: s.Tokens, Backend: s.Backend, Log: cfg.Log.WithName("agentapi"),
 		OnSecurityEvent: func(e agentapi.SecurityEvent) {
@@ -99,13 +124,59 @@ func New(cfg Config) (*Services, error) {
 	return s, nil
 }
 
+func (s *Services) setupDHCPAndTFTP() error {
+	dir := s.cfg.TFTPDir
+	if dir == "" {
+		dir = "/usr/lib/ipxe"
+	}
+	ipxe := tftp.FindIPXE(dir)
+	if len(ipxe.Missing) > 0 {
+		return fmt.Errorf("iPXE binaries missing from %s: %v (install Debian's ipxe package or set the TFTP directory)", dir, ipxe.Missing)
+	}
+	addr := s.cfg.TFTPAddress
+	if addr == "" {
+		addr = ":69"
+	}
+	var err error
+	if s.tftp, err = tftp.New(tftp.Config{Files: ipxe.FS(), Addr: addr, Interface: s.cfg.DHCPInterface}); err != nil {
+		return err
+	}
+	s.dhcp, err = dhcp.New(dhcp.Config{Mode: s.cfg.DHCPMode, Interface: s.cfg.DHCPInterface, ServerIP: s.cfg.ServerIP,
+		TFTPServer: s.cfg.ServerIP, HTTPBaseURL: s.cfg.PublicURL, ScriptURL: s.cfg.PublicURL + "/ipxe/mac/{mac}",
+		Hosts: s.Booting, Log: s.cfg.Log.WithName("dhcp")})
+	return err
+}
+
+// dhcpHost is the DHCP server's record of a host being network-booted.
+func dhcpHost(h *infrav1.AnvilHost) dhcp.Host {
+	host := dhcp.Host{Name: h.Name, Namespace: h.Namespace, BootEnabled: true}
+	if bn := h.Spec.BootNetwork; bn != nil {
+		if p, err := netip.ParsePrefix(bn.Address); err == nil {
+			host.IP = p
+		}
+		if g, err := netip.ParseAddr(bn.Gateway); err == nil {
+			host.Gateway = g
+		}
+		for _, d := range bn.Nameservers {
+			if a, err := netip.ParseAddr(d); err == nil {
+				host.DNS = append(host.DNS, a)
+			}
+		}
+	}
+	return host
+}
+
 // PublicURL is the base URL servers boot from.
 func (s *Services) PublicURL() string { return s.cfg.PublicURL }
 
 // Start serves until ctx ends (manager.Runnable).
 func (s *Services) Start(ctx context.Context) error {
-	errCh := make(chan error, 1)
+	errCh := make(chan error, 3)
 	go func() { errCh <- s.server.Serve(s.listener) }()
+	if s.dhcp != nil {
+		go func() { errCh <- s.dhcp.Start(ctx) }()
+		go func() { errCh <- s.tftp.Start(ctx) }()
+	}
 	select {
 	case <-ctx.Done():
 		shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -41,6 +41,10 @@ type Options struct {
 	ImageURL func(infrav1.Image) (string, error)
 	// Notify wakes the host controller for a host when its agent reports.
 	Notify func(types.NamespacedName)
+	// OnBoot and OnBootDone tell the DHCP server which MACs Anvil is network-booting (it
+	// answers no others).
+	OnBoot     func(mac net.HardwareAddr, h *infrav1.AnvilHost)
+	OnBootDone func(mac net.HardwareAddr)
 	// BootTimeout is how long to wait for the agent to register before trying a new boot
 	// (default 15 minutes: real servers take 5–15 minutes to reach the network).
 	BootTimeout time.Duration
@@ -204,6 +208,9 @@ func (b *Backend) advance(h *infrav1.AnvilHost, p purpose, run hoststate.BMCRunn
 	b.attempts[key] = na
 	b.byMAC[na.mac] = key
 	b.mu.Unlock()
+	if b.opts.OnBoot != nil {
+		b.opts.OnBoot(mac, h)
+	}
 
 	err = run("network-boot", func(ctx context.Context, c bmc.Client) error {
 		if err := c.SetBootDevice(ctx, bmc.BootPXE, bmc.BootOptions{UEFI: h.Spec.BootMode != infrav1.BootModeLegacy}); err != nil {
@@ -286,6 +293,11 @@ func (b *Backend) dropLocked(key types.NamespacedName) {
 	if a, ok := b.attempts[key]; ok {
 		delete(b.byMAC, a.mac)
 		delete(b.attempts, key)
+		if b.opts.OnBootDone != nil {
+			if mac, err := net.ParseMAC(a.mac); err == nil {
+				b.opts.OnBootDone(mac) // must not call back into the backend (b.mu is held)
+			}
+		}
 	}
 }
 
