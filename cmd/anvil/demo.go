@@ -74,7 +74,8 @@ func runDemo(out io.Writer) error {
 	if err := demoHosts(ctx, env, out, step); err != nil {
 		return err
 	}
-	fmt.Fprintln(out, "\nNot in this demo yet: network boot, the agent's A/B install, Cluster API machines and remediation (the lab).")
+	fmt.Fprintln(out, "\nNot in this demo yet: Cluster API's own controllers (KubeadmControlPlane, MachineDeployment), a workload cluster,")
+	fmt.Fprintln(out, "remediation and A/B upgrades; the machine above was created the way Cluster API would create it.")
 	return nil
 }
 

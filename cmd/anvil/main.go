@@ -1,11 +1,13 @@
-// Command anvil is Anvil's operator tool. Today it has one subcommand, demo, which runs the
-// Anvil API on an embedded management plane; the lab (emulated servers carried through the
-// whole lifecycle) will extend it.
+// Command anvil is Anvil's operator tool. Today it has one subcommand, demo, which runs Anvil
+// on an embedded management plane against emulated servers (see README.md).
 package main
 
 import (
 	"fmt"
 	"os"
+
+	"github.com/go-logr/logr"
+	ctrl "sigs.k8s.io/controller-runtime"
 )
 
 func main() {
@@ -13,6 +15,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: anvil demo")
 		os.Exit(2)
 	}
+	// Controller logs would drown the demo's own progress; errors surface through it.
+	ctrl.SetLogger(logr.Discard())
 	if err := runDemo(os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "demo failed:", err)
 		os.Exit(1)

@@ -292,6 +292,7 @@ func (s *step) deprovisioning() stepResult {
 	h.Status.BootSlots = nil
 	h.Spec.Claim = nil
 	s.res.ReleaseClaim = true
+	s.in.LastPowerSync = time.Time{} // the agent powered the server off: read it again now
 	// Re-inspect before handing the host out again: it may have been repaired or changed.
 	return stepResult{next: infrav1.HostStateInspecting, cont: true}
 }
