@@ -44,7 +44,7 @@ func (r *AnvilRemediationReconciler) Reconcile(ctx context.Context, req ctrl.Req
 	}
 	cluster, err := util.GetClusterFromMetadata(ctx, r.Client, machine.ObjectMeta)
 	if err != nil {
-		return ctrl.Result{}, nil //nolint:nilerr // no cluster yet: nothing to remediate against
+		return ctrl.Result{}, nil // no cluster yet: nothing to remediate against
 	}
 	if isPaused, requeue, err := paused.EnsurePausedCondition(ctx, r.Client, cluster, rem); err != nil || isPaused || requeue {
 		return ctrl.Result{}, err
