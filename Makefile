@@ -36,6 +36,10 @@ demo: envtest ## Run the demo on an embedded management plane.
 test: envtest test-deps ## Run every test (unit and envtest suites), building what they need.
 	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test $(GO_TEST_FLAGS) ./...
 
+.PHONY: test-e2e
+test-e2e: envtest test-deps ## Cluster API end to end (KCP, MachineDeployment, move, restarts): build tag e2e.
+	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test -tags e2e $(GO_TEST_FLAGS) ./test/e2e/...
+
 ##@ Development
 
 .PHONY: generate
