@@ -40,6 +40,14 @@ test: envtest test-deps ## Run every test (unit and envtest suites), building wh
 test-e2e: envtest test-deps ## Cluster API end to end (KCP, MachineDeployment, move, restarts): build tag e2e.
 	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test -tags e2e $(GO_TEST_FLAGS) ./test/e2e/...
 
+.PHONY: bench
+bench: envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
+	@hack/install-bench-deps.sh
+	go test -run '^$$' -bench ThousandBMCs -benchtime 1x ./internal/vbmc/redfish/
+	go test -run '^$$' -bench DHCPvsDnsmasq -benchtime 1x -timeout 30m ./internal/boot/dhcp/
+	go test -run '^$$' -bench FanOutVsNginx -benchtime 5x ./internal/imagecache/
+	ANVIL_BENCH=1 ANVIL_BENCH_SIZE=1GiB go test -run TestInstallBenchmark -v -timeout 30m ./internal/agent/
+
 ##@ Development
 
 .PHONY: generate
