@@ -40,8 +40,12 @@ test: envtest test-deps ## Run every test (unit and envtest suites), building wh
 test-e2e: envtest test-deps ## Cluster API end to end (KCP, MachineDeployment, move, restarts): build tag e2e.
 	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test -tags e2e $(GO_TEST_FLAGS) ./test/e2e/...
 
+.PHONY: bench-hosts
+bench-hosts: envtest ## 1,000 emulated Redfish BMCs to Available, then steady state (BENCH_ARGS="-hosts 100").
+	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go run ./test/bench/hosts $(BENCH_ARGS)
+
 .PHONY: bench
-bench: envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
+bench: bench-hosts envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
 	@hack/install-bench-deps.sh
 	go test -run '^$$' -bench ThousandBMCs -benchtime 1x ./internal/vbmc/redfish/
 	go test -run '^$$' -bench DHCPvsDnsmasq -benchtime 1x -timeout 30m ./internal/boot/dhcp/
