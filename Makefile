@@ -29,8 +29,8 @@ help: ## Show this help.
 ##@ The two commands
 
 .PHONY: demo
-demo: envtest ## Run the demo on an embedded management plane.
-	go run ./cmd/anvil demo
+demo: envtest test-deps ## The lab: management plane, Cluster API, Anvil and 6 emulated servers through the whole lifecycle (DEMO_ARGS="--keep").
+	go run ./cmd/anvil demo $(DEMO_ARGS)
 
 .PHONY: test
 test: envtest test-deps ## Run every test (unit and envtest suites), building what they need.
