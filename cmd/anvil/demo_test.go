@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ func TestLab(t *testing.T) {
 	if err := os.Chdir("../.."); err != nil { // the lab reads templates/ from the repository root
 		t.Fatal(err)
 	}
+	quietLogs()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	var out bytes.Buffer
@@ -24,7 +26,11 @@ func TestLab(t *testing.T) {
 		t.Fatalf("lab failed: %v\n%s", err, out.String())
 	}
 	text := out.String()
-	t.Log(text)
+	defer func() {
+		if t.Failed() {
+			t.Log(text)
+		}
+	}()
 	steps := []string{
 		"spec.bmc.address: Invalid value",
 		"OS up from slot A; config drive: provider-id anvil://anvil-demo/lab-server-",
@@ -45,11 +51,11 @@ func TestLab(t *testing.T) {
 		}
 		last += i
 	}
-	final := text[strings.LastIndex(text, "$ kubectl get anvilhosts"):]
-	if n := strings.Count(final, " Available "); n != opts.Servers-1 {
-		t.Errorf("final table has %d Available hosts, want %d:\n%s", n, opts.Servers-1, final)
+	final := text[strings.LastIndex(text, "$ kubectl get anvilhosts"):strings.LastIndex(text, "Timeline (total")]
+	if n := len(regexp.MustCompile(`(?m)^lab-server-\d+\s+Available\s+Off`).FindAllString(final, -1)); n != opts.Servers-1 {
+		t.Errorf("final table has %d Available hosts powered off, want %d:\n%s", n, opts.Servers-1, final)
 	}
-	if n := strings.Count(final, " Retired "); n != 1 {
-		t.Errorf("final table has %d Retired hosts, want 1:\n%s", n, final)
+	if n := len(regexp.MustCompile(`(?m)^lab-server-\d+\s+Retired\s+Off`).FindAllString(final, -1)); n != 1 {
+		t.Errorf("final table has %d Retired hosts powered off, want 1:\n%s", n, final)
 	}
 }

@@ -35,12 +35,7 @@ func main() {
 	opts.Out = os.Stdout
 	opts.Live = isTerminal(os.Stdout)
 
-	// Controller logs would drown the lab's own progress; errors surface through it.
-	ctrl.SetLogger(logr.Discard())
-	klog.SetLogger(logr.Discard())
-	// net/http servers without an ErrorLog (the in-memory workload API server's) write to the
-	// standard logger, e.g. "superfluous response.WriteHeader call" for every watch they end.
-	log.SetOutput(io.Discard)
+	quietLogs()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := runLab(ctx, opts); err != nil {
@@ -51,6 +46,16 @@ func main() {
 		}
 		os.Exit(1)
 	}
+}
+
+// quietLogs silences the controllers: their logs would drown the lab's own progress, and
+// errors surface through it. net/http servers without an ErrorLog (the in-memory workload API
+// server's) write to the standard logger, e.g. "superfluous response.WriteHeader call" for
+// every watch they end, and TLS handshakes refused before a workload cluster has booted.
+func quietLogs() {
+	ctrl.SetLogger(logr.Discard())
+	klog.SetLogger(logr.Discard())
+	log.SetOutput(io.Discard)
 }
 
 func isTerminal(f *os.File) bool {
