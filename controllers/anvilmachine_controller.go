@@ -208,6 +208,8 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	req := placement.Request{Hardware: am.Spec.Hardware, FailureDomainLabel: r.failureDomainLabel(ctx, cluster)}
 	if machine.Spec.FailureDomain != "" {
 		req.FailureDomain = machine.Spec.FailureDomain
+	} else {
+		req.SpreadCluster = machine.Spec.ClusterName
 	}
 	if am.Spec.HostSelector != nil {
 		sel, err := metav1.LabelSelectorAsSelector(am.Spec.HostSelector)

@@ -25,6 +25,11 @@ type Request struct {
 	// this value qualify.
 	FailureDomain      string
 	FailureDomainLabel string
+	// SpreadCluster, when FailureDomain is empty, spreads the cluster's machines: among the
+	// hosts that fit, those in the failure domain holding the fewest hosts claimed for this
+	// cluster come first (a MachineDeployment without failure domains then still survives
+	// the loss of one zone). It is a preference, never a reason to refuse a host.
+	SpreadCluster string
 }
 
 // Rejection reasons, worded to complete "N hosts …".
@@ -89,9 +94,30 @@ func Choose(hosts []infrav1.AnvilHost, req Request) Result {
 	if len(fits) == 0 {
 		return res
 	}
-	sort.Slice(fits, func(i, j int) bool { return less(fits[i], fits[j]) })
+	load := clusterLoad(hosts, req)
+	sort.Slice(fits, func(i, j int) bool {
+		if li, lj := load[fits[i].Labels[failureDomainLabel(req)]], load[fits[j].Labels[failureDomainLabel(req)]]; li != lj {
+			return li < lj
+		}
+		return less(fits[i], fits[j])
+	})
 	res.Host = fits[0]
 	return res
+}
+
+// clusterLoad counts, per failure domain, the hosts claimed for req.SpreadCluster (nil when
+// not spreading).
+func clusterLoad(hosts []infrav1.AnvilHost, req Request) map[string]int {
+	if req.SpreadCluster == "" || req.FailureDomain != "" {
+		return nil
+	}
+	load := map[string]int{}
+	for i := range hosts {
+		if c := hosts[i].Spec.Claim; c != nil && !c.Released && c.ClusterName == req.SpreadCluster {
+			load[hosts[i].Labels[failureDomainLabel(req)]]++
+		}
+	}
+	return load
 }
 
 // Eligible reports whether h could be claimed for req, and if not why.
