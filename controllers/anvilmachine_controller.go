@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kerrors "k8s.io/apimachinery/pkg/util/errors"
@@ -27,6 +28,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/placement"
 )
 
@@ -34,6 +36,8 @@ import (
 const (
 	ConditionHostClaimed     = "HostClaimed"
 	ConditionHostProvisioned = "HostProvisioned"
+	// ConditionImageUpToDate mirrors the host's: whether it runs spec.image (in-place upgrades).
+	ConditionImageUpToDate = "ImageUpToDate"
 )
 
 // ClaimedByLabel on a host carries the UID of the AnvilMachine that claims it, so "which host
@@ -172,6 +176,9 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 	am.Status.FailureDomain = host.Labels[r.failureDomainLabel(ctx, cluster)]
 	setCondition(am, ConditionHostClaimed, true, "Claimed", "holding host "+host.Name)
 
+	if err := r.syncImage(ctx, host, am); err != nil {
+		return ctrl.Result{}, err
+	}
 	switch host.Status.State {
 	case infrav1.HostStateProvisioned:
 		delete(am.Annotations, BlockMoveAnnotation)
@@ -181,6 +188,15 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 		am.Status.Initialization.Provisioned = ptr.To(true)
 		setCondition(am, ConditionHostProvisioned, true, "Provisioned", "host "+host.Name+" runs the image")
 		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
+		return ctrl.Result{}, nil
+	case infrav1.HostStateUpgrading:
+		// The machine keeps its node through the upgrade (the active slot stays bootable), but
+		// the host is mid-install: no move until it is done.
+		if am.Annotations == nil {
+			am.Annotations = map[string]string{}
+		}
+		am.Annotations[BlockMoveAnnotation] = "true"
+		setCondition(am, ConditionHostProvisioned, true, "Upgrading", "host "+host.Name+" is writing a new image into its inactive slot")
 		return ctrl.Result{}, nil
 	case infrav1.HostStateProvisioning:
 		if am.Annotations == nil {
@@ -195,6 +211,33 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 	setCondition(am, ConditionHostProvisioned, false, "WaitingForHost", msg)
 	setCondition(am, clusterv1.ReadyCondition, false, "WaitingForHost", msg)
 	return ctrl.Result{}, nil // the host watch wakes us
+}
+
+// syncImage hands a changed spec.image to the provisioned host (an in-place A/B upgrade, see
+// internal/hoststate/upgrade.go) and mirrors the host's ImageUpToDate condition.
+func (r *AnvilMachineReconciler) syncImage(ctx context.Context, host *infrav1.AnvilHost, am *infrav1.AnvilMachine) error {
+	claim := host.Spec.Claim
+	if claim == nil || claim.Image == nil || (host.Status.State != infrav1.HostStateProvisioned && host.Status.State != infrav1.HostStateUpgrading) {
+		return nil
+	}
+	if cond := conditions.Get(host, hoststate.ConditionImageUpToDate); cond != nil {
+		conditions.Set(am, metav1.Condition{Type: ConditionImageUpToDate, Status: cond.Status, Reason: cond.Reason, Message: cond.Message})
+	}
+	if equality.Semantic.DeepEqual(*claim.Image, am.Spec.Image) {
+		return nil
+	}
+	if am.Spec.Image.Layout != infrav1.ImageLayoutABRoot || claim.Image.Layout != infrav1.ImageLayoutABRoot {
+		setCondition(am, ConditionImageUpToDate, false, "InPlaceUpgradeUnsupported",
+			"only ABRoot images are upgraded in place; a whole-disk image changes by replacing the machine")
+		return nil
+	}
+	ctrl.LoggerFrom(ctx).Info("in-place upgrade requested", "host", host.Name, "from", claim.Image.URL, "to", am.Spec.Image.URL)
+	claim.Image = am.Spec.Image.DeepCopy()
+	// The update carries the host's resourceVersion: a conflict re-reads and retries.
+	if err := r.Client.Update(ctx, host); err != nil {
+		return err
+	}
+	return nil
 }
 
 // claimHost chooses and claims a host with an update that carries the host's

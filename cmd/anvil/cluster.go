@@ -137,10 +137,11 @@ func (g *generatedCluster) apply(ctx context.Context, c client.Client) ([]string
 	applyWebhookDefaults(g.objects)
 	var created []string
 	for _, o := range g.objects {
+		kind := o.GetObjectKind().GroupVersionKind().Kind // Create clears a typed object's kind
 		if err := c.Create(ctx, o, client.FieldValidation("Strict")); err != nil {
-			return created, fmt.Errorf("creating %s %s: %w", o.GetObjectKind().GroupVersionKind().Kind, o.GetName(), err)
+			return created, fmt.Errorf("creating %s %s: %w", kind, o.GetName(), err)
 		}
-		created = append(created, strings.ToLower(o.GetObjectKind().GroupVersionKind().Kind)+"/"+o.GetName())
+		created = append(created, strings.ToLower(kind)+"/"+o.GetName())
 	}
 	sort.Strings(created)
 	return created, nil

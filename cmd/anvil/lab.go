@@ -73,6 +73,7 @@ type labRun struct {
 	capi      *capistack.Managers
 	rack      *rack
 	cluster   *generatedCluster
+	images    *imageServer
 	workDir   string
 	stops     []func()
 }
@@ -125,6 +126,14 @@ func runLab(ctx context.Context, opts labOptions) (err error) {
 	}
 	if err := st.run("scale the workers down by one: the machine goes, its host is wiped and Available again",
 		func() error { return r.scaleDown(ctx) }); err != nil {
+		return err
+	}
+	if err := st.run("upgrade a worker in place: the new image goes into the inactive slot, boots on trial, passes its health gate, commits",
+		func() error { return r.upgradeInPlace(ctx, "v2", "committed") }); err != nil {
+		return err
+	}
+	if err := st.run("upgrade it to a broken image: its kubelet never gets healthy; after 3 tries GRUB boots the old slot and Anvil says so",
+		func() error { return r.upgradeInPlace(ctx, "v3-BROKEN", "rolled back") }); err != nil {
 		return err
 	}
 	if err := st.run("a worker's kubelet stops reporting Ready (transient): MachineHealthCheck → AnvilRemediation power-cycles it → Ready again",

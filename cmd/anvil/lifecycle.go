@@ -37,11 +37,13 @@ func (r *labRun) clusterKey() client.ObjectKey {
 // createCluster serves the OS image, generates the cluster from the template with its
 // variables filled in, applies it, and adds a MachineHealthCheck on the workers.
 func (r *labRun) createCluster(ctx context.Context) error {
-	image, stopImages, err := serveImage()
+	images, err := serveImages("v1", "v2", "v3-BROKEN")
 	if err != nil {
 		return err
 	}
-	r.stops = append(r.stops, stopImages)
+	r.images = images
+	r.stops = append(r.stops, images.stop)
+	image := images.image("v1")
 	endpoint, err := r.workloads.AddCluster(ctx, r.clusterKey())
 	if err != nil {
 		return err
@@ -101,22 +103,42 @@ func (r *labRun) createHealthCheck(ctx context.Context) error {
 	return nil
 }
 
-// serveImage serves a generated 32 MiB root filesystem image over HTTP on loopback and
-// returns it with its checksum, as an image server would.
-func serveImage() (infrav1.Image, func(), error) {
-	content := bytes.Repeat([]byte("anvil lab root filesystem\n"), 32<<20/26)
-	sum := sha256.Sum256(content)
+// imageServer serves the lab's OS images over HTTP on loopback, as an image server would:
+// root filesystems of 32 MiB whose first line says what they are (the emulated OS reads it;
+// a "BROKEN" image never gets its kubelet healthy).
+type imageServer struct {
+	url    string
+	images map[string][]byte
+	stop   func()
+}
+
+func serveImages(names ...string) (*imageServer, error) {
+	s := &imageServer{images: map[string][]byte{}}
+	for _, n := range names {
+		s.images[n] = bytes.Repeat([]byte("anvil lab root filesystem "+n+"\n"), 32<<20/(len(n)+27))
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return infrav1.Image{}, nil, err
+		return nil, err
 	}
 	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		content, ok := s.images[strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/"), ".img")]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
 		http.ServeContent(w, r, "rootfs.img", time.Time{}, bytes.NewReader(content))
 	})}
 	go func() { _ = srv.Serve(l) }()
-	img := infrav1.Image{URL: "http://" + l.Addr().String() + "/rootfs.img", Checksum: "sha256:" + hex.EncodeToString(sum[:]),
+	s.url, s.stop = "http://"+l.Addr().String(), func() { _ = srv.Close() }
+	return s, nil
+}
+
+// image is the named image with its checksum, as a machine spec names it.
+func (s *imageServer) image(name string) infrav1.Image {
+	sum := sha256.Sum256(s.images[name])
+	return infrav1.Image{URL: s.url + "/" + name + ".img", Checksum: "sha256:" + hex.EncodeToString(sum[:]),
 		Format: infrav1.ImageFormatRaw, Layout: infrav1.ImageLayoutABRoot}
-	return img, func() { _ = srv.Close() }, nil
 }
 
 func (r *labRun) machines(ctx context.Context) ([]clusterv1.Machine, error) {

@@ -15,8 +15,10 @@ import (
 	"syscall"
 
 	"github.com/go-logr/logr"
+	"go.uber.org/zap/zapcore"
 	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 )
 
 func main() {
@@ -31,11 +33,25 @@ func main() {
 	fs.IntVar(&opts.Workers, "workers", opts.Workers, "worker machines of the demo cluster (at least 1: one is scaled down, one fails)")
 	fs.BoolVar(&opts.Keep, "keep", false, "leave the lab running at the end and print a kubeconfig for kubectl")
 	fs.BoolVar(&opts.VM, "vm", false, "make one server a qemu VM that PXE-boots the agent kernel and initramfs")
+	logFile := fs.String("log-file", "", "write the controllers' logs (Anvil's and Cluster API's) to this file")
 	_ = fs.Parse(os.Args[2:])
 	opts.Out = os.Stdout
 	opts.Live = isTerminal(os.Stdout)
 
-	quietLogs()
+	if *logFile == "" {
+		quietLogs()
+	} else {
+		f, err := os.Create(*logFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		defer func() { _ = f.Close() }()
+		logger := zap.New(zap.WriteTo(f), zap.UseDevMode(false), zap.Level(zapcore.Level(-2)))
+		ctrl.SetLogger(logger)
+		klog.SetLogger(logger)
+		log.SetOutput(f)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := runLab(ctx, opts); err != nil {

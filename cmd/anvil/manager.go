@@ -45,7 +45,7 @@ func startManager(ctx context.Context, env *mgmtplane.Environment, workDir strin
 	}
 	// The power sync runs every 10 s instead of 120 s so that the tables follow the BMCs.
 	hosts := &controllers.AnvilHostReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("anvilhost-controller"), Pool: pool,
-		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: boot.Backend, PowerSyncInterval: 10 * time.Second, RetryInterval: 2 * time.Second},
+		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: boot.Backend, BootReports: boot.Backend, PowerSyncInterval: 10 * time.Second, RetryInterval: 2 * time.Second},
 		Wake:         wake}
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}); err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -156,7 +157,8 @@ func (r *rack) osBooted(_ context.Context, o lab.OSBoot) bool {
 	for _, w := range watchers {
 		w(o)
 	}
-	return f == noFault
+	// A broken image boots, but its kubelet never becomes healthy.
+	return f == noFault && !bytes.Contains(o.RootHead, []byte("BROKEN"))
 }
 
 // onOSBoot registers a function called whenever a server's OS comes up.

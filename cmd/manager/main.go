@@ -150,6 +150,7 @@ func main() {
 	ctrlmetrics.Registry.MustRegister(controllers.NewHostStateCollector(mgr.GetClient()))
 	wake := make(chan event.TypedGenericEvent[*infrav1.AnvilHost], 1024)
 	var provisioner hoststate.Provisioner = hoststate.Simulated{}
+	var bootReports hoststate.BootReportSource
 	switch o.provisioner {
 	case "simulated":
 	case "agent":
@@ -173,7 +174,7 @@ func main() {
 			setupLog.Error(err, "adding the boot services")
 			os.Exit(1)
 		}
-		provisioner = boot.Backend
+		provisioner, bootReports = boot.Backend, boot.Backend
 	default:
 		setupLog.Error(nil, "--provisioner must be agent or simulated", "provisioner", o.provisioner)
 		os.Exit(2)
@@ -182,7 +183,7 @@ func main() {
 		Client:   mgr.GetClient(),
 		Recorder: mgr.GetEventRecorder("anvilhost-controller"),
 		Pool:     pool,
-		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: provisioner,
+		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: provisioner, BootReports: bootReports,
 			PowerSyncInterval: o.powerSyncInterval},
 		BMCTimeout:       o.bmcTimeout,
 		WatchFilterValue: o.watchFilterValue,

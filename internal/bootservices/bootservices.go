@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"k8s.io/apimachinery/pkg/types"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/agentapi"
@@ -104,6 +105,10 @@ func New(cfg Config) (*Services, error) {
 	}
 
 	api, err := agentapi.NewServer(agentapi.ServerOptions{Tokens: s.Tokens, Backend: s.Backend, Log: cfg.Log.WithName("agentapi"),
+		BootReports: s.Backend,
+		ReportTokens: func(host types.NamespacedName, attempt string) (string, error) {
+			return s.Tokens.Issue(host, attempt, token.MaxTTL)
+		},
 		OnSecurityEvent: func(e agentapi.SecurityEvent) {
 			cfg.Log.Info("agent API security event", "kind", e.Kind, "host", e.Host, "token", e.TokenID)
 			if s.SecurityEvents != nil {

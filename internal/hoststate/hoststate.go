@@ -4,6 +4,7 @@
 // real BMCs, emulated ones and fakes.
 //
 //	Registering → Inspecting → Available ⇄ Provisioning → Provisioned → Deprovisioning → Available
+//	Provisioned → Upgrading (new image into the inactive A/B slot) → Provisioned (see upgrade.go)
 //	any state + spec.maintenance → actions stop (state Maintenance when unclaimed); cleared → Inspecting
 //	any state + spec.retire → Retiring (wipe, power off) → Retired (terminal)
 package hoststate
@@ -94,6 +95,9 @@ type Input struct {
 type Machine struct {
 	BMC         BMCAccess
 	Provisioner Provisioner
+	// BootReports, when set, tells in-place upgrades whether the new slot committed or
+	// rolled back (see upgrade.go); without it a new slot stays pending.
+	BootReports BootReportSource
 	// PowerSyncInterval is the steady-state power poll (default 120 s, ±10 % jitter).
 	PowerSyncInterval time.Duration
 	// RetryInterval is the requeue for errors the pool does not time (default 30 s).
@@ -146,6 +150,7 @@ func (m *Machine) Step(ctx context.Context, in Input) Result {
 			break
 		}
 	}
+	s.setImageCondition()
 	s.setReady()
 	h.Status.ObservedGeneration = h.Generation
 	return *res
@@ -168,6 +173,7 @@ func (s *step) handle(state infrav1.HostState) stepResult {
 		infrav1.HostStateAvailable:      s.available,
 		infrav1.HostStateProvisioning:   s.provisioning,
 		infrav1.HostStateProvisioned:    s.provisioned,
+		infrav1.HostStateUpgrading:      s.upgrading,
 		infrav1.HostStateDeprovisioning: s.deprovisioning,
 		infrav1.HostStateMaintenance:    s.leavingMaintenance,
 		infrav1.HostStateRetiring:       s.retiring,
@@ -269,6 +275,10 @@ func (s *step) provisioned() stepResult {
 		s.res.Events = append(s.res.Events, Event{Reason: "Rebooted", Message: "power-cycled on request " + request})
 		s.res.PowerSynced = true
 		return stepResult{requeueAfter: s.m.powerSyncInterval()}
+	}
+	s.applyBootReport()
+	if upgradeWanted(h) {
+		return stepResult{next: infrav1.HostStateUpgrading, cont: true}
 	}
 	return s.keepPower()
 }
