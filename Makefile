@@ -19,6 +19,8 @@ GO_TEST_FLAGS ?= -count=1 -timeout=25m
 IMAGE ?= ghcr.io/anvil-metal/cluster-api-provider-anvil
 TAG ?= dev
 IMAGE_TARBALL ?= out/anvil-manager-image.tar
+RELEASE_VERSION ?= v0.1.0
+RELEASE_DIR ?= out/release
 
 ##@ General
 
@@ -99,6 +101,16 @@ image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker
 .PHONY: verify-image
 verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint.
 	hack/image/verify.sh $(IMAGE_TARBALL)
+
+##@ Release
+
+.PHONY: release-manifests
+release-manifests: ## Render infrastructure-components.yaml, metadata.yaml and the templates into out/release (RELEASE_VERSION, IMAGE).
+	go run ./hack/release -root . -out $(RELEASE_DIR) -version $(RELEASE_VERSION) -image $(IMAGE):$(RELEASE_VERSION)
+
+.PHONY: clusterctl
+clusterctl: ## Build clusterctl (version pinned in hack/clusterctl/go.mod) into bin/, once.
+	@hack/clusterctl/build.sh
 
 .PHONY: clean
 clean: ## Remove build outputs (the envtest cache in ~/.cache/anvil stays).
