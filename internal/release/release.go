@@ -289,15 +289,22 @@ func CheckComponents(components []byte) (Report, error) {
 		if err := decodeTyped(o); err != nil {
 			fail("%s %s does not decode before variable substitution (variables may only be in string fields): %v", o.GetKind(), o.GetName(), err)
 		}
+		for _, img := range images(o.Object) {
+			if strings.Contains(img, "$") {
+				fail("%s %s: image %q contains a variable", o.GetKind(), o.GetName(), img)
+			}
+		}
 	}
 	rep.Variables = Variables(components)
+	placeholders := map[string]string{}
 	for _, v := range rep.Variables {
 		if !v.HasDefault {
 			fail("variable %s has no default; write ${%s:=<default>} so clusterctl init needs no settings", v.Name, v.Name)
+			placeholders[v.Name] = "unset"
 		}
 	}
 	// Fill variables with their defaults before parsing, as clusterctl does.
-	filled, err := Substitute(components, nil)
+	filled, err := Substitute(components, placeholders)
 	if err != nil {
 		return rep, err
 	}
@@ -320,11 +327,6 @@ func CheckComponents(components []byte) (Report, error) {
 			deployments = append(deployments, name)
 		case "CustomResourceDefinition":
 			checkCRD(o.Object, name, fail)
-		}
-		for _, img := range images(o.Object) {
-			if strings.Contains(img, "$") {
-				fail("%s %s: image %q contains a variable", kind, name, img)
-			}
 		}
 	}
 	if len(namespaces) != 1 {
