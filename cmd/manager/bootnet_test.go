@@ -27,7 +27,7 @@ func fakeAddrs(m map[string][]string) interfaceAddrs {
 
 func TestResolveBootNetwork(t *testing.T) {
 	addrs := fakeAddrs(map[string][]string{
-		"prov0": {"fe80::1/64", "169.254.3.4/16", "192.168.10.2/24", "10.0.0.1/8"},
+		"prov0":  {"fe80::1/64", "169.254.3.4/16", "192.168.10.2/24", "10.0.0.1/8"},
 		"v6only": {"2001:db8::1/64"},
 	})
 	cases := []struct {
