@@ -95,12 +95,13 @@ test-deps: ## Install the Debian packages the real-peer tests use.
 	@hack/install-test-deps.sh
 
 .PHONY: image
-image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed).
+image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed), with the iPXE boot assets.
+	@hack/image/install-deps.sh
 	IMAGE=$(IMAGE) TAG=$(TAG) hack/image/build.sh ./cmd/manager $(IMAGE_TARBALL)
 
 .PHONY: verify-image
-verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint.
-	hack/image/verify.sh $(IMAGE_TARBALL)
+verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint, iPXE boot assets and agent directory.
+	REQUIRE_BOOT_ASSETS=1 hack/image/verify.sh $(IMAGE_TARBALL)
 
 ##@ Release
 
