@@ -57,8 +57,9 @@ bench: bench-hosts envtest test-deps ## Benchmarks, each printing the peer measu
 ##@ Development
 
 .PHONY: generate
-generate: ## Generate deepcopy code.
+generate: ## Generate deepcopy code and docs/api-reference.md.
 	$(CONTROLLER_GEN) object:headerFile=hack/boilerplate.go.txt paths=./api/...
+	go run ./hack/apiref -dir api/v1alpha1 -out docs/api-reference.md
 
 .PHONY: manifests
 manifests: ## Generate CRDs and RBAC from the Go types and markers.
@@ -68,9 +69,9 @@ manifests: ## Generate CRDs and RBAC from the Go types and markers.
 
 .PHONY: verify-gen
 verify-gen: generate manifests ## Fail if generated files are stale.
-	@if [ -n "$$(git status --porcelain -- api config)" ]; then \
+	@if [ -n "$$(git status --porcelain -- api config docs/api-reference.md)" ]; then \
 		echo "generated files are stale; run 'make generate manifests' and commit:"; \
-		git status --porcelain -- api config; git --no-pager diff --stat -- api config; exit 1; fi
+		git status --porcelain -- api config docs/api-reference.md; git --no-pager diff --stat -- api config docs/api-reference.md; exit 1; fi
 
 .PHONY: build
 build: ## Build the manager binary into bin/.
