@@ -240,8 +240,7 @@ func render(types map[string]*typeInfo, group, version string) []byte {
 
 	seen := map[string]bool{}
 	var queue []string
-	var writeType func(name string, heading string)
-	writeType = func(name, heading string) {
+	writeType := func(name, heading string) {
 		t := types[name]
 		if t == nil || seen[name] {
 			return

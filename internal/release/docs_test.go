@@ -67,7 +67,7 @@ func TestEveryVariableIsDocumented(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			vars, _, _ := unstructuredSlice(objs[0].Object, "spec", "variables")
+			vars := unstructuredSlice(objs[0].Object, "spec", "variables")
 			for _, v := range vars {
 				name := v.(map[string]any)["name"].(string)
 				if !regexp.MustCompile("(?m)^\\| `" + name + "` \\|").MatchString(readme) {

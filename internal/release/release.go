@@ -81,7 +81,7 @@ func Build(o Options) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
+	if err := os.MkdirAll(o.OutDir, 0o755); err != nil { //nolint:gosec // release files are public
 		return nil, err
 	}
 	files := map[string][]byte{ComponentsFile: components, MetadataFile: metadata}
@@ -206,9 +206,9 @@ func CheckMetadataCovers(metadata []byte, version string) error {
 	}
 	objs, err := ParseObjects(metadata)
 	if err != nil || len(objs) != 1 {
-		return fmt.Errorf("release: %s: want one Metadata object (%v)", MetadataFile, err)
+		return fmt.Errorf("release: %s: want one Metadata object (%w)", MetadataFile, err)
 	}
-	series, _, _ := unstructuredSlice(objs[0].Object, "releaseSeries")
+	series := unstructuredSlice(objs[0].Object, "releaseSeries")
 	for _, s := range series {
 		m, ok := s.(map[string]any)
 		if !ok {
@@ -346,7 +346,7 @@ func CheckComponents(components []byte) (Report, error) {
 		if o.GetKind() != "Deployment" {
 			continue
 		}
-		containers, _, _ := unstructuredSlice(o.Object, "spec", "template", "spec", "containers")
+		containers := unstructuredSlice(o.Object, "spec", "template", "spec", "containers")
 		found := false
 		for _, c := range containers {
 			if m, ok := c.(map[string]any); ok && m["name"] == ManagerContainer {
@@ -374,7 +374,7 @@ func decodeTyped(o *unstructured.Unstructured) error {
 }
 
 func checkCRD(obj map[string]any, name string, fail func(string, ...any)) {
-	versions, _, _ := unstructuredSlice(obj, "spec", "versions")
+	versions := unstructuredSlice(obj, "spec", "versions")
 	var served []string
 	for _, v := range versions {
 		if m, ok := v.(map[string]any); ok && m["served"] == true {
@@ -399,7 +399,7 @@ func checkCRD(obj map[string]any, name string, fail func(string, ...any)) {
 func images(obj map[string]any) []string {
 	var out []string
 	for _, field := range []string{"containers", "initContainers"} {
-		cs, _, _ := unstructuredSlice(obj, "spec", "template", "spec", field)
+		cs := unstructuredSlice(obj, "spec", "template", "spec", field)
 		for _, c := range cs {
 			if m, ok := c.(map[string]any); ok {
 				if img, ok := m["image"].(string); ok {
@@ -411,15 +411,15 @@ func images(obj map[string]any) []string {
 	return out
 }
 
-func unstructuredSlice(obj map[string]any, path ...string) ([]any, bool, error) {
+func unstructuredSlice(obj map[string]any, path ...string) []any {
 	var cur any = obj
 	for _, p := range path {
 		m, ok := cur.(map[string]any)
 		if !ok {
-			return nil, false, nil
+			return nil
 		}
 		cur = m[p]
 	}
-	s, ok := cur.([]any)
-	return s, ok, nil
+	s, _ := cur.([]any)
+	return s
 }

@@ -2,6 +2,7 @@ package release
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"regexp"
@@ -109,7 +110,7 @@ func ParseObjects(b []byte) ([]*unstructured.Unstructured, error) {
 	for i := 0; ; i++ {
 		var obj map[string]any
 		if err := dec.Decode(&obj); err != nil {
-			if err == io.EOF {
+			if errors.Is(err, io.EOF) {
 				return out, nil
 			}
 			return nil, fmt.Errorf("YAML document %d: %w", i+1, err)

@@ -145,7 +145,7 @@ func checkKubeVIP(t *testing.T, env *managementPlane, spec bootstrapv1.KubeadmCo
 			}
 			c = strings.ReplaceAll(c, kubeVIPManifest, manifest)
 			c = strings.ReplaceAll(c, "/run/kubeadm/kubeadm.yaml", initMarker)
-			if out, err := exec.Command("sh", "-c", c).CombinedOutput(); err != nil { //nolint:gosec // the template's own command
+			if out, err := exec.Command("sh", "-c", c).CombinedOutput(); err != nil {
 				t.Fatalf("%q: %v\n%s", c, err, out)
 			}
 		}

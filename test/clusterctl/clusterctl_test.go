@@ -54,7 +54,7 @@ type clusterctl struct {
 func (c clusterctl) run(t *testing.T, env map[string]string, args ...string) string {
 	t.Helper()
 	args = append(args, "--config", c.config)
-	cmd := exec.Command(c.bin, args...) //nolint:gosec // our own binary and arguments
+	cmd := exec.Command(c.bin, args...)
 	cmd.Dir = c.dir
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + c.dir, "XDG_CONFIG_HOME=" + filepath.Join(c.dir, "xdg"),
 		"KUBECONFIG=" + filepath.Join(c.dir, "no-kubeconfig"), "CLUSTERCTL_DISABLE_VERSIONCHECK=true"}
@@ -75,7 +75,7 @@ func (c clusterctl) run(t *testing.T, env map[string]string, args ...string) str
 func buildClusterctl(t *testing.T, root string) string {
 	t.Helper()
 	start := time.Now()
-	out, err := exec.Command(filepath.Join(root, "hack", "clusterctl", "build.sh")).Output() //nolint:gosec // our script
+	out, err := exec.Command(filepath.Join(root, "hack", "clusterctl", "build.sh")).Output()
 	if err != nil {
 		var stderr string
 		if ee, ok := err.(*exec.ExitError); ok { //nolint:errorlint // only for the message

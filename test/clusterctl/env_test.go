@@ -12,12 +12,12 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/utils/ptr"
-	addonsv1beta1 "sigs.k8s.io/cluster-api/api/addons/v1beta1"
+	addonsv1beta1 "sigs.k8s.io/cluster-api/api/addons/v1beta1" //nolint:staticcheck // conversion webhooks need v1beta1
 	addonsv1 "sigs.k8s.io/cluster-api/api/addons/v1beta2"
-	bootstrapv1beta1 "sigs.k8s.io/cluster-api/api/bootstrap/kubeadm/v1beta1"
-	controlplanev1beta1 "sigs.k8s.io/cluster-api/api/controlplane/kubeadm/v1beta1"
-	clusterv1beta1 "sigs.k8s.io/cluster-api/api/core/v1beta1"
-	ipamv1beta1 "sigs.k8s.io/cluster-api/api/ipam/v1beta1"
+	bootstrapv1beta1 "sigs.k8s.io/cluster-api/api/bootstrap/kubeadm/v1beta1"       //nolint:staticcheck // conversion webhooks need v1beta1
+	controlplanev1beta1 "sigs.k8s.io/cluster-api/api/controlplane/kubeadm/v1beta1" //nolint:staticcheck // conversion webhooks need v1beta1
+	clusterv1beta1 "sigs.k8s.io/cluster-api/api/core/v1beta1"                      //nolint:staticcheck // conversion webhooks need v1beta1
+	ipamv1beta1 "sigs.k8s.io/cluster-api/api/ipam/v1beta1"                         //nolint:staticcheck // conversion webhooks need v1beta1
 	ipamv1 "sigs.k8s.io/cluster-api/api/ipam/v1beta2"
 	runtimev1 "sigs.k8s.io/cluster-api/api/runtime/v1beta2"
 	bootstrapadmission "sigs.k8s.io/cluster-api/bootstrap/kubeadm/webhooks/admission"
@@ -62,7 +62,8 @@ func startManagementPlane(t *testing.T) *managementPlane {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })
-	// The webhooks also convert from the v1beta1 versions Cluster API still serves.
+	// The webhooks also convert from the v1beta1 versions Cluster API still serves (hence the
+	// deprecated packages).
 	for _, add := range []func(*k8sruntime.Scheme) error{addonsv1.AddToScheme, ipamv1.AddToScheme, runtimev1.AddToScheme,
 		clusterv1beta1.AddToScheme, addonsv1beta1.AddToScheme, bootstrapv1beta1.AddToScheme, controlplanev1beta1.AddToScheme, ipamv1beta1.AddToScheme} {
 		if err := add(env.Scheme); err != nil {
