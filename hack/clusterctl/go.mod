@@ -1,4 +1,4 @@
-// clusterctl, built from its module for the tests that drive it (see README.md). A module of
+// clusterctl, built from its module (build.sh) for the tests that drive it. A module of
 // its own so clusterctl's dependencies never move the provider's pins.
 module github.com/anvil-metal/cluster-api-provider-anvil/hack/clusterctl
 
