@@ -111,7 +111,7 @@ release-manifests: ## Render infrastructure-components.yaml, metadata.yaml and t
 	go run ./hack/release -root . -out $(RELEASE_DIR) -version $(RELEASE_VERSION) -image $(IMAGE):$(RELEASE_VERSION)
 
 .PHONY: clusterctl
-clusterctl: ## Build clusterctl (version pinned in hack/clusterctl/go.mod) into bin/, once.
+clusterctl: ## Build clusterctl (version pinned in hack/clusterctl/go.mod) once per machine, linked into bin/.
 	@hack/clusterctl/build.sh
 
 .PHONY: clean
