@@ -19,6 +19,8 @@ GO_TEST_FLAGS ?= -count=1 -timeout=25m
 IMAGE ?= ghcr.io/anvil-metal/cluster-api-provider-anvil
 TAG ?= dev
 IMAGE_TARBALL ?= out/anvil-manager-image.tar
+RELEASE_VERSION ?= v0.1.0
+RELEASE_DIR ?= out/release
 
 ##@ General
 
@@ -55,8 +57,9 @@ bench: bench-hosts envtest test-deps ## Benchmarks, each printing the peer measu
 ##@ Development
 
 .PHONY: generate
-generate: ## Generate deepcopy code.
+generate: ## Generate deepcopy code and docs/api-reference.md.
 	$(CONTROLLER_GEN) object:headerFile=hack/boilerplate.go.txt paths=./api/...
+	go run ./hack/apiref -dir api/v1alpha1 -out docs/api-reference.md
 
 .PHONY: manifests
 manifests: ## Generate CRDs and RBAC from the Go types and markers.
@@ -66,9 +69,9 @@ manifests: ## Generate CRDs and RBAC from the Go types and markers.
 
 .PHONY: verify-gen
 verify-gen: generate manifests ## Fail if generated files are stale.
-	@if [ -n "$$(git status --porcelain -- api config)" ]; then \
+	@if [ -n "$$(git status --porcelain -- api config docs/api-reference.md)" ]; then \
 		echo "generated files are stale; run 'make generate manifests' and commit:"; \
-		git status --porcelain -- api config; git --no-pager diff --stat -- api config; exit 1; fi
+		git status --porcelain -- api config docs/api-reference.md; git --no-pager diff --stat -- api config docs/api-reference.md; exit 1; fi
 
 .PHONY: build
 build: ## Build the manager binary into bin/.
@@ -93,12 +96,23 @@ test-deps: ## Install the Debian packages the real-peer tests use.
 	@hack/install-test-deps.sh
 
 .PHONY: image
-image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed).
+image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed), with the iPXE boot assets.
+	@hack/image/install-deps.sh
 	IMAGE=$(IMAGE) TAG=$(TAG) hack/image/build.sh ./cmd/manager $(IMAGE_TARBALL)
 
 .PHONY: verify-image
-verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint.
-	hack/image/verify.sh $(IMAGE_TARBALL)
+verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint, iPXE boot assets and agent directory.
+	REQUIRE_BOOT_ASSETS=1 hack/image/verify.sh $(IMAGE_TARBALL)
+
+##@ Release
+
+.PHONY: release-manifests
+release-manifests: ## Render infrastructure-components.yaml, metadata.yaml and the templates into out/release (RELEASE_VERSION, IMAGE).
+	go run ./hack/release -root . -out $(RELEASE_DIR) -version $(RELEASE_VERSION) -image $(IMAGE):$(RELEASE_VERSION)
+
+.PHONY: clusterctl
+clusterctl: ## Build clusterctl (version pinned in hack/clusterctl/go.mod) once per machine, linked into bin/.
+	@hack/clusterctl/build.sh
 
 .PHONY: clean
 clean: ## Remove build outputs (the envtest cache in ~/.cache/anvil stays).

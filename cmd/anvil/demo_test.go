@@ -37,6 +37,10 @@ func TestLab(t *testing.T) {
 		"user-data runs kubeadm init",
 		"user-data runs kubeadm join",
 		"was wiped (metadata) and is Available again",
+		"runs http://127.0.0.1", // ImageUpToDate after the committed upgrade: "slot B runs …/v2.img"
+		"kept its node; DATA on lab-server-",
+		"failed its health gate in slot",
+		"kept its node; DATA on lab-server-",
 		"was power-cycled through its BMC and booted again",
 		"is in maintenance: \"needs repair",
 		"replaced it on lab-server-",

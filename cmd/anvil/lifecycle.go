@@ -48,18 +48,19 @@ func (r *labRun) createCluster(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The template's variables (templates/README.md); the rest keep their defaults.
 	vars := map[string]string{
 		"CLUSTER_NAME":                labClusterName,
 		"NAMESPACE":                   labNamespace,
 		"KUBERNETES_VERSION":          r.opts.KubernetesVersion,
 		"CONTROL_PLANE_MACHINE_COUNT": strconv.Itoa(r.opts.ControlPlanes),
 		"WORKER_MACHINE_COUNT":        strconv.Itoa(r.opts.Workers),
-		"CONTROL_PLANE_ENDPOINT_HOST": endpoint.Host,
+		"CONTROL_PLANE_ENDPOINT_IP":   endpoint.Host,
 		"CONTROL_PLANE_ENDPOINT_PORT": strconv.Itoa(int(endpoint.Port)),
-		"IMAGE_URL":                   image.URL,
-		"IMAGE_CHECKSUM":              image.Checksum,
-		"IMAGE_FORMAT":                string(image.Format),
-		"IMAGE_LAYOUT":                string(image.Layout),
+		"ANVIL_IMAGE_URL":             image.URL,
+		"ANVIL_IMAGE_CHECKSUM":        image.Checksum,
+		"ANVIL_IMAGE_FORMAT":          string(image.Format),
+		"ANVIL_IMAGE_LAYOUT":          string(image.Layout),
 	}
 	g, err := generateCluster(r.opts.Template, vars, r.env.Scheme)
 	if err != nil {
