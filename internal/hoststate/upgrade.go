@@ -131,5 +131,5 @@ func (s *step) upgrading() stepResult {
 		return stepResult{requeueAfter: max(out.RequeueAfter, time.Second)}
 	}
 	h.Status.Power = infrav1.PowerOn
-	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.m.powerSyncInterval()}
+	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.powerSyncInterval()}
 }
