@@ -41,6 +41,7 @@ func TestLab(t *testing.T) {
 		"kept its node; DATA on lab-server-",
 		"failed its health gate in slot",
 		"kept its node; DATA on lab-server-",
+		"has the out-of-service taint",
 		"was power-cycled through its BMC and booted again",
 		"is in maintenance: \"needs repair",
 		"replaced it on lab-server-",

@@ -290,6 +290,10 @@ func (r *labRun) transientFault(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	if !r.nodeTainted(ctx, host) {
+		return fmt.Errorf("node %s lacks the out-of-service taint while its server is power-cycled", host)
+	}
+	fmt.Fprintf(r.out, "    node %s has the out-of-service taint (its pods and volumes move at once)\n", host)
 	fmt.Fprintf(r.out, "    %s was power-cycled through its BMC and booted again; its kubelet reports Ready\n", host)
 	if err := r.workloads.SetNodeReady(ctx, r.clusterKey(), host, true, "KubeletReady"); err != nil {
 		return err
@@ -307,8 +311,27 @@ func (r *labRun) transientFault(ctx context.Context) error {
 		if err := r.env.Client.Get(ctx, client.ObjectKeyFromObject(m), cur); err != nil || cur.UID != m.UID || !cur.DeletionTimestamp.IsZero() {
 			return false, "", fmt.Errorf("machine %s was replaced, though a power cycle cured it", m.Name)
 		}
+		if r.nodeTainted(ctx, host) {
+			return false, "node " + host + " still has the out-of-service taint", nil
+		}
 		return conditions.IsTrue(cur, clusterv1.MachineHealthCheckSucceededCondition), "machine not yet healthy again", nil
 	})
+}
+
+// nodeTainted reports whether the workload Node carries the out-of-service taint.
+func (r *labRun) nodeTainted(ctx context.Context, node string) bool {
+	nodes, err := r.workloads.Nodes(ctx, r.clusterKey())
+	if err != nil {
+		return false
+	}
+	for _, n := range nodes {
+		for _, t := range n.Spec.Taints {
+			if n.Name == node && t.Key == corev1.TaintNodeOutOfService {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // countBoots returns a function that counts the server's OS boots since now.

@@ -58,7 +58,11 @@ func startManager(ctx context.Context, env *mgmtplane.Environment, workDir strin
 	if err := clusters.SetupWithManager(ctx, mgr, controller.Options{}); err != nil {
 		return nil, err
 	}
-	remediations := &controllers.AnvilRemediationReconciler{Client: mgr.GetClient()}
+	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, "")
+	if err != nil {
+		return nil, err
+	}
+	remediations := &controllers.AnvilRemediationReconciler{Client: mgr.GetClient(), ClusterCache: clusterCache}
 	if err := remediations.SetupWithManager(mgr, controller.Options{}); err != nil {
 		return nil, err
 	}

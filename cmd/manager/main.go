@@ -210,7 +210,12 @@ func main() {
 		os.Exit(1)
 	}
 
-	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
+	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, o.watchFilterValue)
+	if err != nil {
+		setupLog.Error(err, "setting up the workload clusters' cache")
+		os.Exit(1)
+	}
+	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient(), ClusterCache: clusterCache}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
 		setupLog.Error(err, "setting up the AnvilRemediation controller")
 		os.Exit(1)
 	}
