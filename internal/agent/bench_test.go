@@ -48,7 +48,7 @@ import (
 // the medians of the same-round ratios: other load on the machine moves single runs a lot.
 // Opt-in, because it writes gigabytes:
 //
-//	ANVIL_BENCH=1 [ANVIL_BENCH_SIZE=4GiB] [ANVIL_BENCH_ROUNDS=2] [ANVIL_BENCH_DIR=dir] go test -run TestInstallBenchmark -v ./internal/agent/
+//	ANVIL_BENCH=1 [ANVIL_BENCH_SIZE=4GiB] [ANVIL_BENCH_ROUNDS=3] [ANVIL_BENCH_DIR=dir] go test -run TestInstallBenchmark -v ./internal/agent/
 func TestInstallBenchmark(t *testing.T) {
 	if os.Getenv("ANVIL_BENCH") == "" {
 		t.Skip("set ANVIL_BENCH=1 to run the install benchmark (writes several GiB)")
@@ -66,7 +66,7 @@ func TestInstallBenchmark(t *testing.T) {
 		}
 		size = v
 	}
-	rounds := 2
+	rounds := 3
 	if s := os.Getenv("ANVIL_BENCH_ROUNDS"); s != "" {
 		var err error
 		if rounds, err = strconv.Atoi(s); err != nil || rounds < 1 {
@@ -217,8 +217,8 @@ func TestInstallBenchmark(t *testing.T) {
 	}
 	gib := float64(size) / (1 << 30)
 	var b strings.Builder
-	fmt.Fprintf(&b, "install benchmark: %s image (zstd %.1f:1), one local HTTP server, the same place of the same target file on %s, %d rounds, %d CPUs, load %s\n",
-		human(size), float64(size)/float64(zst.Size()), fsName(dir), rounds, runtime.NumCPU(), loadAvg())
+	fmt.Fprintf(&b, "install benchmark: %s image (zstd %.1f:1), one local HTTP server, the same place of the same target file on %s, %d rounds, %d CPUs (agent GOMAXPROCS %d), load %s\n",
+		human(size), float64(size)/float64(zst.Size()), fsName(dir), rounds, runtime.NumCPU(), defaults.heap.Procs, loadAvg())
 	fmt.Fprintf(&b, "  %-24s %19s %19s %11s %11s  %s\n", "", "best", "median", "ratio (1)", "CPU per GiB", "peak RSS (VmHWM)")
 	for _, v := range variants {
 		best := slices.Min(v.runs)
@@ -259,8 +259,7 @@ func TestInstallBenchmark(t *testing.T) {
 	if size < 4<<30 {
 		b.WriteString(" [the target is for a 4 GiB image: run with ANVIL_BENCH_SIZE=4GiB]")
 	}
-	t.Log(b.String())
-	fmt.Println(b.String())
+	fmt.Println(b.String()) // printed whether or not -v is given
 	for _, v := range variants {
 		if v.install && v.hwm > 64<<20 {
 			t.Errorf("%s: peak RSS %s above 64 MiB", v.name, human(v.hwm))
@@ -323,6 +322,8 @@ type benchChildResult struct {
 	// external decompressor).
 	VmHWM       int64
 	ChildMaxRSS int64
+	// Procs is the child's GOMAXPROCS.
+	Procs int
 }
 
 // TestInstallBenchChild is the benchmark's child process.
@@ -332,6 +333,7 @@ func TestInstallBenchChild(t *testing.T) {
 		t.Skip("only run by TestInstallBenchmark")
 	}
 	p := strings.Split(args, ",")
+	procs := EnsureProcs() // as the agent does
 	if prof := os.Getenv("ANVIL_BENCH_CPUPROFILE"); prof != "" {
 		f, err := os.Create(prof)
 		if err != nil {
@@ -349,7 +351,7 @@ func TestInstallBenchChild(t *testing.T) {
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	r := benchChildResult{Written: res.Written, Seconds: res.Duration.Seconds(), HeapInuse: ms.HeapInuse, Sys: ms.Sys, VmHWM: vmHWM(t)}
+	r := benchChildResult{Written: res.Written, Seconds: res.Duration.Seconds(), HeapInuse: ms.HeapInuse, Sys: ms.Sys, VmHWM: vmHWM(t), Procs: procs}
 	var ru unix.Rusage
 	if err := unix.Getrusage(unix.RUSAGE_CHILDREN, &ru); err == nil {
 		r.ChildMaxRSS = ru.Maxrss * 1024

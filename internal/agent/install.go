@@ -13,6 +13,8 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -531,4 +533,23 @@ func buildFAT16(d *disk.Disk, off, size int64, files []fat.File, firstLBA uint64
 		Type: fat.FAT16, Label: disk.ConfigDriveLabel, VolumeID: uint32(time.Now().UnixNano()), //nolint:gosec // any 32 bits do
 		HiddenSectors: uint32(min(firstLBA, 0xFFFFFFFF)),
 	}, files)
+}
+
+// installStages is how many stages of an install's pipeline keep a CPU busy at once:
+// download, decode, hash and write.
+const installStages = 4
+
+// EnsureProcs lets each stage of the install pipeline run on a thread of its own: it raises
+// GOMAXPROCS to installStages on machines with fewer CPUs (unless GOMAXPROCS is set in the
+// environment) and returns the value in force. With fewer Ps than busy stages, the stages
+// take turns on the Ps even while the OS has time for them; and when something else also
+// wants the CPUs, the kernel shares them out by thread, so a 2-P agent gets two threads'
+// worth against, say, the three of curl | zstd -d | dd. Measured on 2 shared CPUs
+// (bench_test.go child, 1 GiB): 4.75 s with 2 Ps, 4.02 s with 4 and the same CPU time,
+// against 3.96 s for the pipeline. The agent calls it at start-up; a library must not.
+func EnsureProcs() int {
+	if os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) < installStages {
+		runtime.GOMAXPROCS(installStages)
+	}
+	return runtime.GOMAXPROCS(0)
 }

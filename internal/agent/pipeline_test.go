@@ -262,3 +262,17 @@ func TestCopyImageProgress(t *testing.T) {
 		t.Fatalf("%d progress calls", n)
 	}
 }
+
+func TestEnsureProcs(t *testing.T) {
+	if os.Getenv("GOMAXPROCS") != "" {
+		t.Skip("GOMAXPROCS is set in the environment: EnsureProcs leaves it alone")
+	}
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1)) // start from one P, restore afterwards
+	if n := EnsureProcs(); n != installStages || runtime.GOMAXPROCS(0) != installStages {
+		t.Fatalf("EnsureProcs from 1 P: %d (GOMAXPROCS %d), want %d", n, runtime.GOMAXPROCS(0), installStages)
+	}
+	runtime.GOMAXPROCS(installStages + 3)
+	if n := EnsureProcs(); n != installStages+3 {
+		t.Fatalf("EnsureProcs lowered GOMAXPROCS to %d", n)
+	}
+}
