@@ -52,7 +52,7 @@ bench: bench-hosts envtest test-deps ## Benchmarks, each printing the peer measu
 	go test -run '^$$' -bench ThousandBMCs -benchtime 1x ./internal/vbmc/redfish/
 	go test -run '^$$' -bench DHCPvsDnsmasq -benchtime 1x -timeout 30m ./internal/boot/dhcp/
 	go test -run '^$$' -bench FanOutVsNginx -benchtime 5x ./internal/imagecache/
-	ANVIL_BENCH=1 ANVIL_BENCH_SIZE=1GiB go test -run TestInstallBenchmark -v -timeout 30m ./internal/agent/
+	ANVIL_BENCH=1 ANVIL_BENCH_SIZE=4GiB go test -run TestInstallBenchmark -v -timeout 60m ./internal/agent/
 
 ##@ Development
 
