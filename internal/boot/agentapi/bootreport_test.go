@@ -33,7 +33,9 @@ func TestBootReports(t *testing.T) {
 	e := newEnv(t)
 	rec := &recordedReports{reports: map[types.NamespacedName][]BootReport{}}
 	srv, err := NewServer(ServerOptions{Tokens: e.issuer, Backend: e.backend, BootReports: rec,
-		ReportTokens: func(host types.NamespacedName, attempt string) (string, error) { return e.issuer.Issue(host, attempt, time.Hour) }})
+		ReportTokens: func(host types.NamespacedName, attempt string) (string, error) {
+			return e.issuer.Issue(host, attempt, time.Hour)
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
