@@ -76,7 +76,7 @@ func (r *AnvilRemediationReconciler) Reconcile(ctx context.Context, req ctrl.Req
 		return r.reconcileDelete(ctx, cluster, machine, rem)
 	}
 	if r.ClusterCache != nil && controllerutil.AddFinalizer(rem, infrav1.RemediationFinalizer) {
-		return ctrl.Result{Requeue: true}, nil // the finalizer is written before any taint
+		return ctrl.Result{RequeueAfter: time.Millisecond}, nil // the finalizer is written before any taint
 	}
 	return r.reconcileNormal(ctx, cluster, machine, rem)
 }

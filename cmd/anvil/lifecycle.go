@@ -191,7 +191,7 @@ func (r *labRun) waitClusterReady(ctx context.Context, controlPlanes, workers in
 		}
 		nodes, err := r.workloads.Nodes(ctx, r.clusterKey())
 		if err != nil {
-			return false, err.Error(), nil
+			return false, "workload cluster: " + err.Error(), nil //nolint:nilerr // not up yet: keep waiting
 		}
 		byName := map[string]corev1.Node{}
 		for _, n := range nodes {

@@ -12,6 +12,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/go-logr/logr"
@@ -41,7 +42,7 @@ func main() {
 	if *logFile == "" {
 		quietLogs()
 	} else {
-		f, err := os.Create(*logFile)
+		f, err := os.Create(filepath.Clean(*logFile)) //nolint:gosec // the operator names the file
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)

@@ -112,10 +112,10 @@ func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workD
 	if err := lab.NewDisk(diskPath, 20<<30); err != nil {
 		return err
 	}
-	cores := int32(8 * sockets)
+	cores := int32(8 * sockets) //nolint:gosec // 1 or 2 sockets
 	srv := &lab.Server{Name: name, MAC: mac, Machine: m, DiskPath: diskPath, BootURL: bootURL, Log: logr.Discard(),
 		Inventory: &infrav1.HardwareInventory{
-			CPU:       infrav1.CPUInfo{Arch: "amd64", Sockets: int32(sockets), Cores: cores, Threads: 2 * cores}, //nolint:gosec // small
+			CPU:       infrav1.CPUInfo{Arch: "amd64", Sockets: int32(sockets), Cores: cores, Threads: 2 * cores}, //nolint:gosec // 1 or 2 sockets
 			NUMANodes: numaNodes(sockets), Memory: resource.NewQuantity(int64(memGiB)<<30, resource.BinarySI),
 			System: infrav1.SystemInfo{Manufacturer: "Anvil Lab", SerialNumber: fmt.Sprintf("LAB-%04d", i+1)}},
 		OSBooted: r.osBooted,
@@ -138,7 +138,7 @@ func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workD
 func numaNodes(sockets int) []infrav1.NUMANode {
 	nodes := make([]infrav1.NUMANode, sockets)
 	for i := range nodes {
-		nodes[i] = infrav1.NUMANode{ID: int32(i), CPUs: fmt.Sprintf("%d-%d", 8*i, 8*i+7)} //nolint:gosec // small
+		nodes[i] = infrav1.NUMANode{ID: int32(i), CPUs: fmt.Sprintf("%d-%d", 8*i, 8*i+7)}
 	}
 	return nodes
 }
@@ -172,12 +172,6 @@ func (r *rack) setFault(server string, f fault) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.faults[server] = f
-}
-
-func (r *rack) hasFault(server string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.faults[server] != noFault
 }
 
 // describe says what the rack holds, e.g. "4 Redfish (TLS) and 2 IPMI (ipmi_sim)".

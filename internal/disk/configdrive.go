@@ -130,7 +130,8 @@ func validReport(url, token string) error {
 		return fmt.Errorf("config drive: report URL %q must be http(s) without shell characters", url)
 	}
 	if token == "" || strings.IndexFunc(token, func(r rune) bool {
-		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-')
+		urlSafe := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-'
+		return !urlSafe
 	}) >= 0 {
 		return fmt.Errorf("config drive: the report token must be non-empty and URL-safe base64")
 	}
