@@ -52,7 +52,9 @@ type Config struct {
 	TFTPAddress, TFTPDir string
 	// Backend options (Secrets reader, Notify, timeouts); ImageURL is filled in here.
 	Backend provision.Options
-	Log     logr.Logger
+	// OnServed is told of every iPXE script and agent artifact served (httpboot.Options).
+	OnServed func(httpboot.Served)
+	Log      logr.Logger
 }
 
 // Services is the running (or ready to run) boot services.
@@ -115,7 +117,7 @@ func New(cfg Config) (*Services, error) {
 		return nil, err
 	}
 	handler, err := httpboot.NewHandler(httpboot.Options{Hosts: s.Backend, Tokens: s.Tokens, PublicURL: s.cfg.PublicURL,
-		ArtifactsDir: cfg.ArtifactsDir, Images: s.Images, AgentAPI: api, Log: cfg.Log.WithName("httpboot")})
+		ArtifactsDir: cfg.ArtifactsDir, Images: s.Images, AgentAPI: api, OnServed: cfg.OnServed, Log: cfg.Log.WithName("httpboot")})
 	if err != nil {
 		_ = s.listener.Close()
 		return nil, err
@@ -164,6 +166,35 @@ func dhcpHost(h *infrav1.AnvilHost) dhcp.Host {
 		}
 	}
 	return host
+}
+
+// Listen opens the DHCP and TFTP sockets now (Start opens them otherwise). Sockets belong to
+// the network namespace of the thread that opens them: calling Listen first lets a caller
+// (a test, a standalone boot server) open them on a chosen network.
+func (s *Services) Listen() error {
+	if s.dhcp == nil {
+		return nil
+	}
+	if err := s.dhcp.Listen(); err != nil {
+		return err
+	}
+	return s.tftp.Listen()
+}
+
+// DHCPStats returns the DHCP server's counters (zero when DHCP is off).
+func (s *Services) DHCPStats() dhcp.Stats {
+	if s.dhcp == nil {
+		return dhcp.Stats{}
+	}
+	return s.dhcp.Stats()
+}
+
+// TFTPStats returns the TFTP server's counters (zero when DHCP, and so TFTP, is off).
+func (s *Services) TFTPStats() tftp.Stats {
+	if s.tftp == nil {
+		return tftp.Stats{}
+	}
+	return s.tftp.Stats()
 }
 
 // PublicURL is the base URL servers boot from.
