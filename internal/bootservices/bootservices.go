@@ -50,6 +50,11 @@ type Config struct {
 	// TFTPAddress serves the iPXE binaries (default ":69" when DHCP is on); TFTPDir holds them
 	// (default Debian's /usr/lib/ipxe).
 	TFTPAddress, TFTPDir string
+	// TFTPSinglePort serves every transfer from the port-69 socket (tftp.Config.SinglePort):
+	// for firewalls that only pass port 69, and for callers that opened the sockets in a
+	// network namespace other than the process's (a transfer's own socket would be made in
+	// the process's).
+	TFTPSinglePort bool
 	// Backend options (Secrets reader, Notify, timeouts); ImageURL is filled in here.
 	Backend provision.Options
 	// OnServed is told of every iPXE script and agent artifact served (httpboot.Options).
@@ -140,7 +145,8 @@ func (s *Services) setupDHCPAndTFTP() error {
 		addr = ":69"
 	}
 	var err error
-	if s.tftp, err = tftp.New(tftp.Config{Files: ipxe.FS(), Addr: addr, Interface: s.cfg.DHCPInterface}); err != nil {
+	if s.tftp, err = tftp.New(tftp.Config{Files: ipxe.FS(), Addr: addr, Interface: s.cfg.DHCPInterface,
+		SinglePort: s.cfg.TFTPSinglePort, Log: s.cfg.Log.WithName("tftp")}); err != nil {
 		return err
 	}
 	s.dhcp, err = dhcp.New(dhcp.Config{Mode: s.cfg.DHCPMode, Interface: s.cfg.DHCPInterface, ServerIP: s.cfg.ServerIP,

@@ -36,12 +36,15 @@ import (
 // TFTP, HTTP, the provisioning backend and its tokens), on a bridge inside a network
 // namespace that the test makes and deletes.
 //
-// Three machines share the bridge:
-//   - "direct" gets its lease and the per-host script URL from DHCP (the {mac} template,
-//     expanded by the DHCP server), fetches the script, the kernel and the initramfs;
-//   - "entry" is told the entry script (/ipxe/boot.ipxe), which makes iPXE expand
+// Four machines share the bridge:
+//   - "direct" (SeaBIOS, iPXE in the NIC's ROM) gets its lease and the per-host script URL
+//     from DHCP (the {mac} template, expanded by the DHCP server), fetches the script, the
+//     kernel and the initramfs;
+//   - "entry" (the same) is told the entry script (/ipxe/boot.ipxe), which makes iPXE expand
 //     ${mac:hexhyp} itself and chain to its per-host script: the URL form for sites whose
 //     own DHCP server points machines at Anvil;
+//   - "uefi" (OVMF, a NIC without option ROM) is a UEFI PXE client (architecture 7): it must
+//     be given ipxe.efi, fetch it over TFTP, and the iPXE it starts must then go on as above;
 //   - "stranger" is a MAC Anvil is not booting: it must get no DHCP answer at all.
 //
 // The agent kernel is a stand-in (testdata/standin-kernel.S): a Multiboot kernel, padded to
@@ -51,10 +54,13 @@ import (
 // bytes served), the booted kernel's view of the same bytes, and that the token on its
 // command line is valid for the host and the boot attempt.
 //
-// It takes 10–15 s on an idle 2-core machine (about 6 s of it SeaBIOS and iPXE starting
-// under TCG, 1 s of iPXE waiting for ProxyDHCP offers), up to 35 s on a loaded one.
+// The UEFI machine sets the pace: about 30 s on a busy 2-core machine (12 s for OVMF to
+// start under TCG, 4 s of EDK2 collecting DHCP offers, 1 s of TFTP, 8 s for iPXE to start,
+// 4 s of its DHCP); the BIOS machines are done after about 9 s. Every machine's segment
+// also carries router advertisements (see startDHCPCapture), without which iPXE waits
+// about 20 s for IPv6 before using its DHCPv4 lease.
 func TestIPXEInQEMU(t *testing.T) {
-	qemu := needQEMU(t)
+	qemu, ovmf := needQEMU(t)
 	start := time.Now()
 
 	ns := netns.New(t)
@@ -94,8 +100,9 @@ func TestIPXEInQEMU(t *testing.T) {
 			HTTPAddress: serverIP.String() + ":0", ArtifactsDir: artifacts,
 			ImageCacheDir: t.TempDir(), ImageCacheBytes: 1 << 30,
 			DHCPMode: dhcp.ModeReservation, DHCPInterface: bridge, ServerIP: serverIP, TFTPDir: "/usr/lib/ipxe",
-			OnServed: func(s httpboot.Served) { mu.Lock(); defer mu.Unlock(); served = append(served, s) },
-			Log:      funcr.New(func(p, a string) { t.Log(p, a) }, funcr.Options{}),
+			TFTPSinglePort: true, // transfers must stay in this namespace
+			OnServed:       func(s httpboot.Served) { mu.Lock(); defer mu.Unlock(); served = append(served, s) },
+			Log:            funcr.New(func(p, a string) { t.Log(time.Since(start).Round(100*time.Millisecond), p, a) }, funcr.Options{Verbosity: 1}),
 		})
 		if err != nil {
 			return err
@@ -114,19 +121,26 @@ func TestIPXEInQEMU(t *testing.T) {
 		name string
 		mac  string
 		ip   string
+		uefi bool
 		// scriptPath is the per-host script URL path the machine should end up at.
 		scriptPath string
 		host       *infrav1.AnvilHost
 		attempt    string
 		console    string
+		stop       context.CancelFunc
 	}
 	machines := []*machine{
 		{name: "direct", mac: "52:54:00:a0:00:01", ip: "192.0.2.51", scriptPath: "/ipxe/mac/52:54:00:a0:00:01"},
 		{name: "entry", mac: "52:54:00:a0:00:02", ip: "192.0.2.52", scriptPath: "/ipxe/mac/52-54-00-a0-00-02"},
+		{name: "uefi", mac: "52:54:00:a0:00:03", ip: "192.0.2.53", scriptPath: "/ipxe/mac/52:54:00:a0:00:03", uefi: true},
 		{name: "stranger", mac: "52:54:00:a0:00:99"},
 	}
-	for _, m := range machines[:2] {
+	known, entry, uefi, stranger := machines[:3], machines[1], machines[2], machines[3]
+	for _, m := range known {
 		m.host = provisioningHost(m.name, m.mac, m.ip+"/24", serverIP.String())
+		if m.uefi {
+			m.host.Spec.BootMode = infrav1.BootModeUEFI
+		}
 		var ops []string
 		out, err := svc.Backend.Provision(ctx, m.host, func(op string, _ func(context.Context, bmc.Client) error) error {
 			// The BMC's part (one-time PXE boot, power cycle) is qemu's start below.
@@ -141,7 +155,6 @@ func TestIPXEInQEMU(t *testing.T) {
 		m.attempt = view.Attempt
 	}
 	// The entry machine's DHCP answer names the static entry script instead of its own.
-	entry := machines[1]
 	h, ok := svc.Booting.Lookup(mustMAC(t, entry.mac))
 	if !ok {
 		t.Fatal("the DHCP server was not told about the entry machine")
@@ -149,9 +162,7 @@ func TestIPXEInQEMU(t *testing.T) {
 	h.ScriptURL = svc.PublicURL() + "/ipxe/boot.ipxe"
 	must(t, svc.Booting.Set(mustMAC(t, entry.mac), h))
 
-	vmCtx, stopVMs := context.WithCancel(context.Background())
 	var vms sync.WaitGroup
-	t.Cleanup(func() { stopVMs(); vms.Wait() })
 	for i, m := range machines {
 		tap := "tap" + strconv.Itoa(i)
 		for _, args := range [][]string{{"tuntap", "add", "dev", tap, "mode", "tap"}, {"link", "set", tap, "master", bridge, "up"}} {
@@ -160,10 +171,20 @@ func TestIPXEInQEMU(t *testing.T) {
 			}
 		}
 		m.console = filepath.Join(t.TempDir(), m.name+".log")
-		cmd := ns.Command(vmCtx, qemu, "-accel", "tcg", "-m", "256", "-boot", "n", "-no-reboot",
-			"-nographic", "-vga", "none", "-monitor", "none", "-serial", "file:"+m.console,
-			"-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no",
-			"-device", "e1000,netdev=n0,mac="+m.mac)
+		args := []string{"-accel", "tcg", "-m", "256", "-boot", "n", "-no-reboot",
+			"-nographic", "-vga", "none", "-monitor", "none", "-serial", "file:" + m.console,
+			"-netdev", "tap,id=n0,ifname=" + tap + ",script=no,downscript=no"}
+		if m.uefi {
+			// A virtio NIC without option ROM: OVMF drives it itself, and its own PXE client
+			// (architecture 7, no iPXE) must fetch ipxe.efi over TFTP and chain to it. With
+			// iPXE's ROM on the NIC, OVMF would boot that iPXE straight away.
+			args = append(args, "-bios", ovmf, "-device", "virtio-net-pci,romfile=,netdev=n0,mac="+m.mac)
+		} else {
+			args = append(args, "-device", "e1000,netdev=n0,mac="+m.mac)
+		}
+		var vmCtx context.Context
+		vmCtx, m.stop = context.WithCancel(context.Background())
+		cmd := ns.Command(vmCtx, qemu, args...)
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		must(t, cmd.Start())
@@ -174,11 +195,29 @@ func TestIPXEInQEMU(t *testing.T) {
 			}
 		})
 	}
+	stopVMs := func() {
+		for _, m := range machines {
+			m.stop()
+		}
+		vms.Wait()
+	}
+	t.Cleanup(stopVMs)
 
-	// Both known machines end in the stand-in kernel, which prints a marker once iPXE has
+	// The stranger is heard twice (iPXE retransmits), then stopped: it has had all the time
+	// an answer takes, and its CPU is better spent on the others.
+	// A guard only: the whole test takes about 30 s (see above).
+	deadline := time.Now().Add(2 * time.Minute)
+	for capture.requests(stranger.mac) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the unknown machine sent %d DHCP requests", capture.requests(stranger.mac))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(time.Second)
+	stranger.stop()
+	// The known machines end in the stand-in kernel, which prints a marker once iPXE has
 	// loaded the kernel and the initramfs and booted.
-	deadline := time.Now().Add(55 * time.Second)
-	for _, m := range machines[:2] {
+	for _, m := range known {
 		for !parseStandIn(readConsole(m.console)).ended {
 			if time.Now().After(deadline) {
 				t.Fatalf("%s: iPXE did not boot the agent within the deadline; console:\n%s", m.name, readConsole(m.console))
@@ -186,26 +225,28 @@ func TestIPXEInQEMU(t *testing.T) {
 			time.Sleep(200 * time.Millisecond)
 		}
 		t.Logf("%s: booted the stand-in kernel after %.1fs", m.name, time.Since(start).Seconds())
-	}
-	// The stranger has been asking all along.
-	for capture.requests(machines[2].mac) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the unknown machine sent %d DHCP requests", capture.requests(machines[2].mac))
-		}
-		time.Sleep(200 * time.Millisecond)
+		m.stop()
 	}
 	stopVMs()
-	vms.Wait()
 	elapsed := time.Since(start)
 
 	mu.Lock()
 	records := append([]httpboot.Served(nil), served...)
 	mu.Unlock()
-	for _, m := range machines[:2] {
+	for _, m := range known {
 		key := types.NamespacedName{Namespace: m.host.Namespace, Name: m.host.Name}
-		// DHCP: an offer and an ack with the reserved address.
-		if got := capture.replies(m.mac); !containsAll(got, "OFFER "+m.ip, "ACK "+m.ip) {
-			t.Errorf("%s: DHCP replies %v, want an OFFER and an ACK of %s", m.name, got, m.ip)
+		// DHCP: an offer and an ack with the reserved address; iPXE is given its script URL
+		// (and UEFI firmware, before it, ipxe.efi).
+		wantFile := svc.PublicURL() + m.scriptPath
+		if m == entry {
+			wantFile = svc.PublicURL() + "/ipxe/boot.ipxe"
+		}
+		wantFiles := []string{"ACK " + m.ip + " " + wantFile}
+		if m.uefi {
+			wantFiles = append([]string{"ACK " + m.ip + " ipxe.efi"}, wantFiles...)
+		}
+		if got := capture.replies(m.mac); !containsAll(got, append(wantFiles, "OFFER "+m.ip+" "+strings.TrimPrefix(wantFiles[0], "ACK "+m.ip+" "))...) {
+			t.Errorf("%s: DHCP replies %v, want an OFFER and an ACK of %s with %v", m.name, got, m.ip, wantFiles)
 		}
 		// HTTP: one agent script for this MAC, bound to this host, at the URL the machine was
 		// meant to reach (iPXE percent-encodes the colons of the DHCP-given URL; the route
@@ -241,6 +282,13 @@ func TestIPXEInQEMU(t *testing.T) {
 		// The booted kernel's side: every byte of both files, and the command line.
 		console := readConsole(m.console)
 		rep := parseStandIn(console)
+		if m.uefi {
+			// iPXE for UEFI ran the stand-in's script part: it can say what iPXE holds.
+			if !rep.script || rep.images["initramfs"] != len(initramfs) {
+				t.Errorf("%s: the stand-in script ran: %v; iPXE holds %v, want initramfs of %d bytes", m.name, rep.script, rep.images, len(initramfs))
+			}
+			continue
+		}
 		if want := (sizeSum{uint32(len(kernel)), byteSum(kernel)}); rep.kernel != want {
 			t.Errorf("%s: the kernel booted with %+v, want %+v", m.name, rep.kernel, want)
 		}
@@ -267,7 +315,6 @@ func TestIPXEInQEMU(t *testing.T) {
 		}
 	}
 	// The stranger: heard, never answered, never served.
-	stranger := machines[2]
 	if got := capture.replies(stranger.mac); len(got) > 0 {
 		t.Errorf("unknown MAC got DHCP replies %v", got)
 	}
@@ -279,22 +326,30 @@ func TestIPXEInQEMU(t *testing.T) {
 	if st := svc.DHCPStats(); st.Unknown < 2 {
 		t.Errorf("DHCP stats %+v: the unknown machine's requests were not counted", st)
 	}
-	if st := svc.TFTPStats(); st.Served != 0 {
-		t.Errorf("TFTP served %d files; iPXE ROMs should have been sent straight to HTTP", st.Served)
+	// One TFTP transfer: ipxe.efi to the UEFI firmware (which may ask for its size first).
+	// iPXE ROMs go straight to HTTP.
+	if st := svc.TFTPStats(); st.Served != 1 || st.Refused != 0 || st.Failed != 0 || st.SizeQueries > 1 {
+		t.Errorf("TFTP %+v, want exactly one file served (ipxe.efi for %s)", st, uefi.name)
 	}
 	if t.Failed() {
 		for _, m := range machines {
 			t.Logf("%s console:\n%s", m.name, readConsole(m.console))
 		}
 	}
-	t.Logf("three VMs, two booted through iPXE in %.1fs; DHCP %+v; %d HTTP records", elapsed.Seconds(), svc.DHCPStats(), len(records))
+	t.Logf("%d VMs, %d booted through iPXE in %.1fs; DHCP %+v; TFTP %+v; %d HTTP records", len(machines), len(known), elapsed.Seconds(),
+		svc.DHCPStats(), svc.TFTPStats(), len(records))
 }
 
 // standInMarker starts every line the stand-in kernel prints.
 const standInMarker = "ANVIL-STAND-IN"
 
-// standInKernel assembles testdata/standin-kernel.S and pads it to size bytes, with
-// load_end_addr covering all of them so that the kernel's sum of itself covers the padding.
+// standInScript is the stand-in kernel's first 512 bytes: what iPXE for UEFI runs. It lists
+// the images iPXE holds (the executing one excepted) and waits.
+const standInScript = "#!ipxe\necho " + standInMarker + " script\nimgstat\necho " + standInMarker + " end\n:hold\nsleep 60\ngoto hold\n"
+
+// standInKernel assembles testdata/standin-kernel.S, writes standInScript into its first
+// 512 bytes and pads it to size bytes, with load_end_addr covering all of them so that the
+// kernel's sum of itself covers the padding.
 func standInKernel(t *testing.T, size int) []byte {
 	t.Helper()
 	dir := t.TempDir()
@@ -309,15 +364,18 @@ func standInKernel(t *testing.T, size int) []byte {
 	}
 	code, err := os.ReadFile(bin)
 	must(t, err)
-	if len(code) > size || binary.LittleEndian.Uint32(code) != 0x1BADB002 {
-		t.Fatalf("stand-in kernel: %d bytes, header %x", len(code), code[:4])
+	const header = 512
+	if len(code) > size || len(code) < header+32 || binary.LittleEndian.Uint32(code[header:]) != 0x1BADB002 {
+		t.Fatalf("stand-in kernel: %d bytes, no Multiboot header at %d", len(code), header)
 	}
 	k := make([]byte, size)
 	copy(k, code)
+	script := standInScript + strings.Repeat("#", header-1-len(standInScript)) + "\n"
+	copy(k, script)
 	for i := len(code); i < size; i++ {
 		k[i] = byte(i ^ i>>9)
 	}
-	binary.LittleEndian.PutUint32(k[20:], uint32(0x100000+size))
+	binary.LittleEndian.PutUint32(k[header+20:], uint32(0x100000+size))
 	return k
 }
 
@@ -337,16 +395,31 @@ type standInReport struct {
 	cmdline string
 	modules map[string]sizeSum
 	ended   bool
+	// script: the script part ran (iPXE for UEFI), and images is what its imgstat listed.
+	script bool
+	images map[string]int
 }
 
 type sizeSum struct{ size, sum uint32 }
 
 var standInRE = regexp.MustCompile(`^` + standInMarker + ` (kernel|module (\S+)) size=([0-9a-f]{8}) sum=([0-9a-f]{8})$`)
 
+// imgstatRE matches an imgstat line: "NAME : SIZE bytes [TYPE] CMDLINE".
+var imgstatRE = regexp.MustCompile(`^(\S+) : (\d+) bytes`)
+
 func parseStandIn(console string) standInReport {
-	r := standInReport{modules: map[string]sizeSum{}}
+	r := standInReport{modules: map[string]sizeSum{}, images: map[string]int{}}
 	for _, l := range strings.Split(console, "\n") {
 		l = strings.TrimSpace(l)
+		if l == standInMarker+" script" {
+			r.script = true
+			continue
+		}
+		if m := imgstatRE.FindStringSubmatch(l); m != nil && r.script && !r.ended {
+			n, _ := strconv.Atoi(m[2])
+			r.images[m[1]] = n
+			continue
+		}
 		if rest, ok := strings.CutPrefix(l, standInMarker+" cmdline "); ok {
 			r.cmdline = rest
 			continue
@@ -381,7 +454,7 @@ func readConsole(path string) string {
 	return strings.ReplaceAll(s, "\b \b", "")
 }
 
-func needQEMU(t *testing.T) string {
+func needQEMU(t *testing.T) (qemu, ovmf string) {
 	t.Helper()
 	netns.Require(t)
 	qemu, err := exec.LookPath("qemu-system-x86_64")
@@ -393,15 +466,16 @@ func needQEMU(t *testing.T) string {
 			t.Skipf("%s not installed (hack/install-test-deps.sh installs binutils, which builds the stand-in kernel)", tool)
 		}
 	}
-	for _, f := range []string{"/usr/lib/ipxe/qemu/efi-e1000.rom", "/usr/lib/ipxe/undionly.kpxe"} {
+	ovmf = "/usr/share/ovmf/OVMF.fd"
+	for _, f := range []string{"/usr/lib/ipxe/qemu/efi-e1000.rom", "/usr/lib/ipxe/undionly.kpxe", "/usr/lib/ipxe/ipxe.efi", ovmf} {
 		if _, err := os.Stat(f); err != nil {
-			t.Skipf("%s missing (hack/install-test-deps.sh installs ipxe and ipxe-qemu)", f)
+			t.Skipf("%s missing (hack/install-test-deps.sh installs ipxe, ipxe-qemu and ovmf)", f)
 		}
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Skip("/dev/net/tun missing: qemu needs a tap device")
 	}
-	return qemu
+	return qemu, ovmf
 }
 
 func provisioningHost(name, mac, addr, gateway string) *infrav1.AnvilHost {
@@ -465,7 +539,7 @@ func (c *dhcpCapture) requests(mac string) int {
 	return c.reqs[mac]
 }
 
-// replies returns "TYPE yiaddr" for each reply to mac.
+// replies returns "TYPE yiaddr bootfile" for each reply to mac.
 func (c *dhcpCapture) replies(mac string) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -490,6 +564,7 @@ func (c *dhcpCapture) observe(frame []byte) {
 	bootp := udp[8:]
 	mac := net.HardwareAddr(bootp[28:34]).String()
 	msgType := byte(0)
+	file := strings.TrimRight(string(bootp[108:236]), "\x00")
 	for opts := bootp[240:]; len(opts) >= 2 && opts[0] != 255; {
 		if opts[0] == 0 {
 			opts = opts[1:]
@@ -502,6 +577,9 @@ func (c *dhcpCapture) observe(frame []byte) {
 		if opts[0] == 53 && n == 1 {
 			msgType = opts[2]
 		}
+		if opts[0] == 67 {
+			file = string(opts[2 : 2+n])
+		}
 		opts = opts[2+n:]
 	}
 	names := map[byte]string{2: "OFFER", 5: "ACK", 6: "NAK"}
@@ -511,7 +589,7 @@ func (c *dhcpCapture) observe(frame []byte) {
 		c.reqs[mac]++
 		return
 	}
-	c.answered[mac] = append(c.answered[mac], fmt.Sprintf("%s %s", names[msgType], net.IP(bootp[16:20])))
+	c.answered[mac] = append(c.answered[mac], fmt.Sprintf("%s %s %s", names[msgType], net.IP(bootp[16:20]), file))
 }
 
 // startDHCPCapture reads every frame on link (in ns) until the test ends. It also plays the

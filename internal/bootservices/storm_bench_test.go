@@ -5,9 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -30,7 +32,8 @@ import (
 // against the boot services as the manager assembles them, with every host a real
 // provisioning attempt in the backend. The machines are simulated by package loadgen in a
 // separate process in its own network namespace, joined to the server's by a veth pair, so
-// the server's peak memory and CPU time are its own.
+// the server's peak memory and CPU time are its own (two processes: DHCP clients, and their
+// HTTP fetches; see stormRoleEnv).
 //
 // Target: zero client retries (a DHCP retransmission or an HTTP request made again counts).
 // It also reports TCP-level retransmissions and listen-queue overflows, which a client
@@ -52,8 +55,15 @@ func BenchmarkBootStorm(b *testing.B) {
 	}
 }
 
-// stormClientEnv carries the client process's configuration.
-const stormClientEnv = "ANVIL_BOOT_STORM_CLIENTS"
+// stormRoleEnv makes the test binary one of the storm's client processes: "dhcp" (the
+// simulated machines' DHCP clients, printing each lease) or "boot" (their HTTP fetches, one
+// per lease line read). Two processes, because in one the DHCP clients' timers and sockets
+// would wait behind thousands of busy download goroutines, which real machines, each with
+// its own CPU, never do.
+const (
+	stormRoleEnv   = "ANVIL_BOOT_STORM_ROLE"
+	stormConfigEnv = "ANVIL_BOOT_STORM_CONFIG"
+)
 
 type stormClientConfig struct {
 	Interface string
@@ -63,10 +73,10 @@ type stormClientConfig struct {
 	Initrd    bool
 }
 
-type stormClientResult struct {
+// stormProcessResult is what a client process reports.
+type stormProcessResult struct {
 	DHCP       loadgen.DHCPResult
 	Boot       loadgen.BootResult
-	Wall       time.Duration
 	PeakRSSKiB int64
 	CPU        time.Duration
 }
@@ -85,7 +95,7 @@ func bootStorm(b *testing.B, hosts, rate, kernelSize, initrdSize int) {
 		svc, err = New(Config{HTTPAddress: "198.18.0.1:0", ArtifactsDir: artifacts,
 			ImageCacheDir: b.TempDir(), ImageCacheBytes: 1 << 30,
 			DHCPMode: dhcp.ModeReservation, DHCPInterface: server.Link, ServerIP: netip.MustParseAddr("198.18.0.1"),
-			TFTPAddress: "198.18.0.1:0", Log: logr.Discard()})
+			TFTPAddress: "198.18.0.1:0", TFTPSinglePort: true, Log: logr.Discard()})
 		if err != nil {
 			return err
 		}
@@ -118,27 +128,57 @@ func bootStorm(b *testing.B, hosts, rate, kernelSize, initrdSize int) {
 	cfg, err := json.Marshal(stormClientConfig{Interface: client.Link, Hosts: hosts, Rate: rate, BaseMAC: base.String(), Initrd: initrdSize > 0})
 	must(b, err)
 	snmp0s, snmp0c := netSNMP(b, server), netSNMP(b, client)
-	cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	cctx, ccancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer ccancel()
-	cmd := client.Command(cctx, os.Args[0], "-test.run=^TestBootStormClientProcess$", "-test.v")
-	cmd.Env = append(os.Environ(), stormClientEnv+"="+string(cfg))
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		b.Fatalf("client process: %v\n%s", err, out)
+	role := func(name string) *exec.Cmd {
+		cmd := client.Command(cctx, os.Args[0], "-test.run=^TestBootStormClientProcess$")
+		cmd.Env = append(os.Environ(), stormRoleEnv+"="+name, stormConfigEnv+"="+string(cfg))
+		cmd.Stderr = os.Stderr
+		return cmd
 	}
-	var res stormClientResult
-	found := false
-	sc := bufio.NewScanner(strings.NewReader(string(out)))
+	dhcpCmd, bootCmd := role("dhcp"), role("boot")
+	leases, err := dhcpCmd.StdoutPipe()
+	must(b, err)
+	bootIn, err := bootCmd.StdinPipe()
+	must(b, err)
+	var bootOut strings.Builder
+	bootCmd.Stdout = &bootOut
+	start := time.Now()
+	must(b, bootCmd.Start())
+	must(b, dhcpCmd.Start())
+	// Hand each lease to the boot process as it comes; keep the DHCP process's result.
+	var dres stormProcessResult
+	sc := bufio.NewScanner(leases)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "STORM-RESULT "); ok {
-			must(b, json.Unmarshal([]byte(rest), &res))
-			found = true
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, "STORM-RESULT "); ok {
+			must(b, json.Unmarshal([]byte(rest), &dres))
+			continue
+		}
+		if strings.HasPrefix(line, "LEASE ") {
+			_, err := io.WriteString(bootIn, line+"\n")
+			must(b, err)
 		}
 	}
-	if !found {
-		b.Fatalf("client process printed no result:\n%s", out)
+	if err := dhcpCmd.Wait(); err != nil {
+		b.Fatalf("DHCP client process: %v", err)
 	}
+	must(b, bootIn.Close())
+	if err := bootCmd.Wait(); err != nil {
+		b.Fatalf("boot client process: %v\n%s", err, bootOut.String())
+	}
+	wall := time.Since(start)
+	var bres stormProcessResult
+	for _, line := range strings.Split(bootOut.String(), "\n") {
+		if rest, ok := strings.CutPrefix(line, "STORM-RESULT "); ok {
+			must(b, json.Unmarshal([]byte(rest), &bres))
+		}
+	}
+	res := struct {
+		DHCP loadgen.DHCPResult
+		Boot loadgen.BootResult
+	}{dres.DHCP, bres.Boot}
 	serverCPU := rusage() - runtimeBefore
 	peak := procStatusKiB(b, "self", "VmHWM")
 	snmp1s, snmp1c := netSNMP(b, server), netSNMP(b, client)
@@ -148,7 +188,7 @@ func bootStorm(b *testing.B, hosts, rate, kernelSize, initrdSize int) {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "\nboot storm: %d machines (power-on rate %s), kernel %d bytes%s\n", hosts, rateName(rate), kernelSize,
 		map[bool]string{true: fmt.Sprintf(", initramfs %d bytes", initrdSize), false: ""}[initrdSize > 0])
-	fmt.Fprintf(&sb, "  wall time          %v (DHCP phase %v)\n", res.Wall.Round(time.Millisecond), res.DHCP.Elapsed.Round(time.Millisecond))
+	fmt.Fprintf(&sb, "  wall time          %v (DHCP phase %v)\n", wall.Round(time.Millisecond), res.DHCP.Elapsed.Round(time.Millisecond))
 	fmt.Fprintf(&sb, "  client retries     %d  (DHCP retransmits %d, DHCP restarts after a NAK %d, HTTP retries %d)   target 0\n",
 		retries, res.DHCP.Retransmits, res.DHCP.Restarts, res.Boot.Retries)
 	fmt.Fprintf(&sb, "  completed          %d leases, %d boots (%d files, %.1f GiB); failed: DHCP %d, boot %d\n",
@@ -157,10 +197,15 @@ func bootStorm(b *testing.B, hosts, rate, kernelSize, initrdSize int) {
 	fmt.Fprintf(&sb, "  lease to kernel    p50 %v  p99 %v  max %v\n", res.Boot.P50.Round(time.Millisecond), res.Boot.P99.Round(time.Millisecond), res.Boot.Max.Round(time.Millisecond))
 	fmt.Fprintf(&sb, "  server             peak RSS %.0f MiB (%.0f MiB before the storm, %d hosts provisioning), CPU %v\n",
 		float64(peak)/1024, float64(rssBefore)/1024, hosts, serverCPU.Round(time.Millisecond))
-	fmt.Fprintf(&sb, "  clients (loadgen)  peak RSS %.0f MiB, CPU %v\n", float64(res.PeakRSSKiB)/1024, res.CPU.Round(time.Millisecond))
-	fmt.Fprintf(&sb, "  TCP                retransmitted segments: server %d, clients %d; listen overflows %d, drops %d\n",
-		snmp1s["Tcp.RetransSegs"]-snmp0s["Tcp.RetransSegs"], snmp1c["Tcp.RetransSegs"]-snmp0c["Tcp.RetransSegs"],
-		snmp1s["TcpExt.ListenOverflows"]-snmp0s["TcpExt.ListenOverflows"], snmp1s["TcpExt.ListenDrops"]-snmp0s["TcpExt.ListenDrops"])
+	fmt.Fprintf(&sb, "  clients (loadgen)  DHCP process: peak RSS %.0f MiB, CPU %v; HTTP process: peak RSS %.0f MiB, CPU %v\n",
+		float64(dres.PeakRSSKiB)/1024, dres.CPU.Round(time.Millisecond), float64(bres.PeakRSSKiB)/1024, bres.CPU.Round(time.Millisecond))
+	delta := func(after, before map[string]int64, k string) int64 { return after[k] - before[k] }
+	fmt.Fprintf(&sb, "  TCP (kernel)       server retransmitted %d segments (tail-loss probes %d, fast retransmits %d, timeouts %d); clients %d;\n"+
+		"                     listen overflows %d, drops %d; veth drops: server %d, clients %d\n",
+		delta(snmp1s, snmp0s, "Tcp.RetransSegs"), delta(snmp1s, snmp0s, "TcpExt.TCPLossProbes"), delta(snmp1s, snmp0s, "TcpExt.TCPFastRetrans"),
+		delta(snmp1s, snmp0s, "TcpExt.TCPTimeouts"), delta(snmp1c, snmp0c, "Tcp.RetransSegs"),
+		delta(snmp1s, snmp0s, "TcpExt.ListenOverflows"), delta(snmp1s, snmp0s, "TcpExt.ListenDrops"),
+		delta(snmp1s, snmp0s, "link.drops"), delta(snmp1c, snmp0c, "link.drops"))
 	fmt.Fprintf(&sb, "  DHCP server        %+v\n", st)
 	fmt.Fprintf(&sb, "  generator          %d DHCP answers for no waiting client (late or duplicate)\n", res.DHCP.Strays)
 	for _, e := range res.Boot.RetryReasons {
@@ -172,40 +217,54 @@ func bootStorm(b *testing.B, hosts, rate, kernelSize, initrdSize int) {
 	fmt.Print(sb.String())
 	b.Log(sb.String())
 	b.ReportMetric(float64(retries), "retries")
-	b.ReportMetric(res.Wall.Seconds(), "wall-s")
+	b.ReportMetric(wall.Seconds(), "wall-s")
 	b.ReportMetric(float64(peak)/1024, "server-peak-RSS-MiB")
 	if res.DHCP.Bound != hosts || res.Boot.Boots != hosts {
 		b.Errorf("%d of %d machines leased, %d booted", res.DHCP.Bound, hosts, res.Boot.Boots)
 	}
 }
 
-// TestBootStormClientProcess is BenchmarkBootStorm's client side, run in a process of its
-// own inside the client namespace. Without its configuration it does nothing.
+// TestBootStormClientProcess is one of BenchmarkBootStorm's client processes (see
+// stormRoleEnv). Without its configuration it does nothing.
 func TestBootStormClientProcess(t *testing.T) {
-	raw := os.Getenv(stormClientEnv)
-	if raw == "" {
-		t.Skip("the boot storm benchmark's client process; run BenchmarkBootStorm")
+	role := os.Getenv(stormRoleEnv)
+	if role == "" {
+		t.Skip("a client process of the boot storm benchmark; run BenchmarkBootStorm")
 	}
 	var cfg stormClientConfig
-	must(t, json.Unmarshal([]byte(raw), &cfg))
-	mac, err := net.ParseMAC(cfg.BaseMAC)
-	must(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
+	must(t, json.Unmarshal([]byte(os.Getenv(stormConfigEnv)), &cfg))
+	ctx, cancel := context.WithTimeout(context.Background(), 14*time.Minute)
 	defer cancel()
-	booter := loadgen.NewBooter(loadgen.BootOptions{Initrd: cfg.Initrd})
-	var boots sync.WaitGroup
-	start := time.Now()
-	dres, err := loadgen.RunDHCP(ctx, loadgen.DHCPOptions{Interface: cfg.Interface, BaseMAC: mac, Clients: cfg.Hosts, Rate: cfg.Rate,
-		OnBound: func(_ int, _ net.HardwareAddr, _ netip.Addr, bootfile string) {
-			boots.Go(func() { _ = booter.Boot(ctx, bootfile) })
-		}})
+	var res stormProcessResult
+	switch role {
+	case "dhcp":
+		mac, err := net.ParseMAC(cfg.BaseMAC)
+		must(t, err)
+		out := bufio.NewWriter(os.Stdout)
+		res.DHCP, err = loadgen.RunDHCP(ctx, loadgen.DHCPOptions{Interface: cfg.Interface, BaseMAC: mac, Clients: cfg.Hosts, Rate: cfg.Rate,
+			OnBound: func(_ int, _ net.HardwareAddr, _ netip.Addr, bootfile string) {
+				fmt.Fprintf(out, "LEASE %s\n", bootfile)
+				_ = out.Flush() // the machine starts fetching now, not when a buffer fills
+			}})
+		must(t, err)
+	case "boot":
+		booter := loadgen.NewBooter(loadgen.BootOptions{Initrd: cfg.Initrd})
+		var boots sync.WaitGroup
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			if url, ok := strings.CutPrefix(sc.Text(), "LEASE "); ok {
+				boots.Go(func() { _ = booter.Boot(ctx, url) })
+			}
+		}
+		boots.Wait()
+		res.Boot = booter.Result()
+	default:
+		t.Fatalf("unknown role %q", role)
+	}
+	res.PeakRSSKiB, res.CPU = procStatusKiB(t, "self", "VmHWM"), rusage()
+	raw, err := json.Marshal(res)
 	must(t, err)
-	boots.Wait()
-	res := stormClientResult{DHCP: dres, Boot: booter.Result(), Wall: time.Since(start),
-		PeakRSSKiB: procStatusKiB(t, "self", "VmHWM"), CPU: rusage()}
-	b, err := json.Marshal(res)
-	must(t, err)
-	fmt.Printf("STORM-RESULT %s\n", b)
+	fmt.Printf("STORM-RESULT %s\n", raw)
 }
 
 func rateName(rate int) string {
@@ -260,10 +319,27 @@ func procStatusKiB(t testing.TB, pid, field string) int64 {
 }
 
 // netSNMP reads a namespace's TCP counters ("Tcp.RetransSegs", "TcpExt.ListenOverflows", ...)
-// from /proc/net/snmp and /proc/net/netstat, which are per network namespace.
+// from /proc/net/snmp and /proc/net/netstat, which are per network namespace, and its link's
+// dropped packets (received and sent) as "link.drops".
 func netSNMP(t testing.TB, h *netns.Host) map[string]int64 {
 	t.Helper()
 	out := map[string]int64{}
+	raw, err := h.Run(context.Background(), "ip", "-j", "-s", "link", "show", "dev", h.Link)
+	must(t, err)
+	var links []struct {
+		Stats64 struct {
+			RX struct {
+				Dropped int64 `json:"dropped"`
+			} `json:"rx"`
+			TX struct {
+				Dropped int64 `json:"dropped"`
+			} `json:"tx"`
+		} `json:"stats64"`
+	}
+	must(t, json.Unmarshal(raw, &links))
+	if len(links) == 1 {
+		out["link.drops"] = links[0].Stats64.RX.Dropped + links[0].Stats64.TX.Dropped
+	}
 	for _, f := range []string{"/proc/net/snmp", "/proc/net/netstat"} {
 		raw, err := h.Run(context.Background(), "cat", f)
 		must(t, err)

@@ -1,6 +1,10 @@
 # A stand-in for the agent kernel in the qemu iPXE test: a Multiboot kernel (a format iPXE
 # boots; Linux's bzImage needs a real Linux) that reports on the serial port what iPXE handed
-# it, then halts:
+# it, then halts. Its first 512 bytes are left for an iPXE script, which the test writes:
+# iPXE for UEFI boots no Multiboot kernels and runs the script instead, while iPXE for BIOS
+# tries Multiboot before scripts and finds the header that follows.
+#
+# What the kernel prints:
 #
 #   ANVIL-STAND-IN kernel size=SSSSSSSS sum=CCCCCCCC     its own image, as loaded
 #   ANVIL-STAND-IN cmdline <the kernel command line iPXE passed>
@@ -21,6 +25,8 @@
 	.text
 	.globl _start
 _start:
+script:
+	.space 512                    # the test's iPXE script
 header:
 	.long MAGIC
 	.long FLAGS
