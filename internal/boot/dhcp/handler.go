@@ -267,6 +267,12 @@ func (s *Server) bootOptions(p *reply, req *request, file []byte, vendor string,
 	if !bytes.Contains(file, []byte("://")) {
 		p.optString(optTFTPServer, s.tftpName)
 	}
+	if !proxy && isIPXE(req) {
+		// iPXE's no-pxedhcp setting (encapsulated option 175.176): this full answer is all
+		// there is, so iPXE need not wait for ProxyDHCP offers — which it otherwise does for
+		// a few seconds after an offer without "PXEClient".
+		p.b = append(p.b, optIPXEEncap, 3, ipxeNoPXEDHCP, 1, 1)
+	}
 	if vendor == "PXEClient" {
 		if proxy {
 			// PXE vendor options: discovery control = 8, "download the boot file named in

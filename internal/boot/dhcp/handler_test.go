@@ -323,6 +323,11 @@ func TestBootfileSelection(t *testing.T) {
 			if offer.GetOneOption(dhcpv4.OptionVendorSpecificInformation) != nil {
 				t.Errorf("option 43 in a full DHCP offer")
 			}
+			// iPXE is told not to wait for ProxyDHCP offers; nothing else gets option 175.
+			noWait := []byte{176, 1, 1}
+			if got, want := offer.GetOneOption(dhcpv4.GenericOptionCode(175)), strings.HasPrefix(c.name, "iPXE"); bytes.Equal(got, noWait) != want || (!want && got != nil) {
+				t.Errorf("option 175 %v, want no-pxedhcp %v", got, want)
+			}
 		})
 	}
 

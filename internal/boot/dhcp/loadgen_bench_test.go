@@ -29,7 +29,7 @@ import (
 //   - closed loop: a fixed number of exchanges in flight (ANVIL_BENCH_WINDOW, default 64) for
 //     ANVIL_BENCH_SECONDS (default 5), as many as the server completes: its throughput when
 //     nothing else limits it, with its CPU time per exchange;
-//   - open loop: clients start at fixed rates (ANVIL_BENCH_RATES, default 1000,2000,5000,
+//   - open loop: clients start at fixed rates (ANVIL_BENCH_RATES, default 250,500,1000,2000,5000,
 //     10000,20000 per second, for ANVIL_BENCH_SECONDS) whether or not the server keeps up; a
 //     rate passes when every client is bound with at most 1 % retransmitting, and the first
 //     failing rate ends the series.
@@ -46,7 +46,7 @@ func BenchmarkDHCPLoadgen(b *testing.B) {
 		b.Skip("dnsmasq not installed (see hack/install-bench-deps.sh)")
 	}
 	window := envInts(b, "ANVIL_BENCH_WINDOW", []int{64})[0]
-	rates := envInts(b, "ANVIL_BENCH_RATES", []int{1000, 2000, 5000, 10000, 20000})
+	rates := envInts(b, "ANVIL_BENCH_RATES", []int{250, 500, 1000, 2000, 5000, 10000, 20000})
 	secs := envInts(b, "ANVIL_BENCH_SECONDS", []int{5})[0]
 	servers := []string{"anvil", "dnsmasq", "dnsmasq-ro"}
 	if only := os.Getenv("ANVIL_BENCH_SERVERS"); only != "" {
