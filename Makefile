@@ -50,7 +50,9 @@ bench-hosts: envtest ## 1,000 emulated Redfish BMCs to Available, then steady st
 bench: bench-hosts envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
 	@hack/install-bench-deps.sh
 	go test -run '^$$' -bench ThousandBMCs -benchtime 1x ./internal/vbmc/redfish/
+	go test -run '^$$' -bench DHCPLoadgen -benchtime 1x -timeout 30m ./internal/boot/dhcp/
 	go test -run '^$$' -bench DHCPvsDnsmasq -benchtime 1x -timeout 30m ./internal/boot/dhcp/
+	go test -run '^$$' -bench BootStorm -benchtime 1x -timeout 30m ./internal/bootservices/
 	go test -run '^$$' -bench FanOutVsNginx -benchtime 5x ./internal/imagecache/
 	ANVIL_BENCH=1 ANVIL_BENCH_SIZE=4GiB go test -run TestInstallBenchmark -v -timeout 60m ./internal/agent/
 
