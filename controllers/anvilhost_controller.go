@@ -176,7 +176,8 @@ func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1
 // reconcileDelete refuses to let a claimed host vanish under its machine: the machine must
 // release it (and so have it wiped) first.
 func (r *AnvilHostReconciler) reconcileDelete(ctx context.Context, host *infrav1.AnvilHost) (ctrl.Result, error) {
-	if c := host.Spec.Claim; c != nil && !c.Released && host.Status.State != infrav1.HostStateRetired {
+	// A host deleted by clusterctl move lives on in the target management cluster.
+	if c := host.Spec.Claim; c != nil && !c.Released && host.Status.State != infrav1.HostStateRetired && !deletedForMove(host) {
 		conditions.Set(host, metav1.Condition{Type: hoststate.ConditionReady, Status: metav1.ConditionFalse, Reason: "DeletionBlocked",
 			Message: fmt.Sprintf("host is claimed by AnvilMachine %s; delete or scale down that machine first", c.MachineRef.Name)})
 		return ctrl.Result{RequeueAfter: 30 * time.Second}, nil
@@ -207,6 +208,9 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 	if user == "" || pass == "" {
 		return nil, fmt.Errorf("credentials Secret %q must have non-empty keys username and password", name)
 	}
+	if err := ensureMovedWithHosts(ctx, r.Client, creds); err != nil {
+		return nil, err
+	}
 	t := &bmc.Target{Address: addr, Username: user, Password: pass, InsecureSkipVerify: host.Spec.BMC.InsecureSkipVerify, Timeout: r.BMCTimeout}
 	if ref := host.Spec.BMC.CABundleRef; ref != nil {
 		ca := &corev1.Secret{}
@@ -216,6 +220,9 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(ca.Data["ca.crt"]) {
 			return nil, fmt.Errorf("CA bundle Secret %q has no PEM certificate under key ca.crt", ref.Name)
+		}
+		if err := ensureMovedWithHosts(ctx, r.Client, ca); err != nil {
+			return nil, err
 		}
 		t.CAPool = pool
 	}

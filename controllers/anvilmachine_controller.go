@@ -41,8 +41,15 @@ const (
 const ClaimedByLabel = infrav1.LabelDomain + "/claimed-by"
 
 // BlockMoveAnnotation tells clusterctl move to wait while a BMC operation or install is in
-// flight.
+// flight. An AnvilMachine carries it from the moment it claims a host until the host is
+// Provisioned: the host controller does not stop for a paused cluster, so a move must not
+// copy a host halfway through its install.
 const BlockMoveAnnotation = "clusterctl.cluster.x-k8s.io/block-move"
+
+// HostAnnotation on an AnvilMachine names the host it claimed. Status says so too, but
+// `clusterctl move` carries only metadata and spec: the recreated machine finds its host
+// through this annotation (or its providerID) and adopts it.
+const HostAnnotation = infrav1.LabelDomain + "/host"
 
 // DefaultReleaseTimeout is how long a deleted machine waits for its host to be wiped before it
 // goes anyway, leaving the host in maintenance (never Available unwiped).
@@ -125,8 +132,12 @@ func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request
 
 	// Pause comes before deletion: clusterctl move pauses, then deletes the source objects,
 	// and that deletion must not release (and wipe) the hosts.
-	if isPaused, requeue, err := paused.EnsurePausedCondition(ctx, r.Client, cluster, am); err != nil || isPaused || requeue {
+	isPaused, requeue, err := paused.EnsurePausedCondition(ctx, r.Client, cluster, am)
+	if err != nil || requeue {
 		return ctrl.Result{}, err
+	}
+	if isPaused {
+		return ctrl.Result{}, r.unblockMoveWhenSettled(ctx, am)
 	}
 
 	helper, err := patch.NewHelper(am, r.Client)
@@ -142,7 +153,7 @@ func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request
 	}()
 
 	if !am.DeletionTimestamp.IsZero() {
-		return r.reconcileDelete(ctx, am)
+		return r.reconcileDelete(ctx, cluster.Name, am)
 	}
 	if controllerutil.AddFinalizer(am, infrav1.MachineFinalizer) {
 		return ctrl.Result{}, nil // persist the finalizer before claiming anything
@@ -157,7 +168,7 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 		return ctrl.Result{}, nil
 	}
 
-	host, err := r.claimedHost(ctx, am)
+	host, err := r.claimedHost(ctx, cluster.Name, am)
 	if err != nil {
 		return ctrl.Result{}, err
 	}
@@ -168,25 +179,27 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 			return result, err
 		}
 	}
+	if am.Annotations == nil {
+		am.Annotations = map[string]string{}
+	}
+	am.Annotations[HostAnnotation] = host.Name
 	am.Status.HostRef = &infrav1.MachineHostReference{Name: host.Name}
 	am.Status.FailureDomain = host.Labels[r.failureDomainLabel(ctx, cluster)]
 	setCondition(am, ConditionHostClaimed, true, "Claimed", "holding host "+host.Name)
 
-	switch host.Status.State {
-	case infrav1.HostStateProvisioned:
+	if installing(host) {
+		am.Annotations[BlockMoveAnnotation] = "true"
+	} else {
 		delete(am.Annotations, BlockMoveAnnotation)
-		providerID := fmt.Sprintf("anvil://%s/%s", host.Namespace, host.Name)
+	}
+	if host.Status.State == infrav1.HostStateProvisioned {
+		providerID := providerIDFor(host)
 		am.Spec.ProviderID = &providerID
 		am.Status.Addresses = machineAddresses(host)
 		am.Status.Initialization.Provisioned = ptr.To(true)
 		setCondition(am, ConditionHostProvisioned, true, "Provisioned", "host "+host.Name+" runs the image")
 		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
 		return ctrl.Result{}, nil
-	case infrav1.HostStateProvisioning:
-		if am.Annotations == nil {
-			am.Annotations = map[string]string{}
-		}
-		am.Annotations[BlockMoveAnnotation] = "true"
 	}
 	msg := fmt.Sprintf("host %s is %s", host.Name, host.Status.State)
 	if host.Status.LastError != nil {
@@ -235,7 +248,7 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 		ClusterName:            cluster.Name,
 		Image:                  am.Spec.Image.DeepCopy(),
 		BootstrapDataSecretRef: &infrav1.LocalSecretReference{Name: *machine.Spec.Bootstrap.DataSecretName},
-		ProviderID:             fmt.Sprintf("anvil://%s/%s", host.Namespace, host.Name),
+		ProviderID:             providerIDFor(host),
 		WipePolicy:             am.Spec.WipePolicy,
 	}
 	if host.Labels == nil {
@@ -255,7 +268,18 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 }
 
 // claimedHost returns the host this machine holds, read live from the API server by label.
-func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+// A machine that `clusterctl move` recreated (new UID) finds its host through HostAnnotation
+// or its providerID and adopts it.
+func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, clusterName string, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+	host, err := r.heldHost(ctx, am)
+	if host != nil || err != nil {
+		return host, err
+	}
+	return r.adoptMovedHost(ctx, clusterName, am)
+}
+
+// heldHost returns the host whose claim carries this machine's UID, read live, or nil.
+func (r *AnvilMachineReconciler) heldHost(ctx context.Context, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
 	hosts := &infrav1.AnvilHostList{}
 	if err := r.APIReader.List(ctx, hosts, client.InNamespace(am.Namespace), client.MatchingLabels{ClaimedByLabel: string(am.UID)}); err != nil {
 		return nil, err
@@ -268,11 +292,87 @@ func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, am *infrav1.An
 	return nil, nil
 }
 
+// adoptMovedHost takes back the host of a machine that clusterctl move recreated: the host
+// its metadata names (HostAnnotation, else its providerID) if that host's claim is for a
+// machine of this name in this cluster with this providerID, under another UID. The claim's
+// UID and the claimed-by label are updated with the resourceVersion just read, so a racing
+// writer makes the adoption fail and retry. A new machine has neither annotation nor
+// providerID, so it never adopts anything.
+func (r *AnvilMachineReconciler) adoptMovedHost(ctx context.Context, clusterName string, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+	name := am.Annotations[HostAnnotation]
+	if name == "" && am.Spec.ProviderID != nil {
+		name = hostFromProviderID(am.Namespace, *am.Spec.ProviderID)
+	}
+	if name == "" {
+		return nil, nil
+	}
+	host := &infrav1.AnvilHost{}
+	if err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: am.Namespace, Name: name}, host); err != nil {
+		return nil, client.IgnoreNotFound(err)
+	}
+	c := host.Spec.Claim
+	switch {
+	case c == nil, c.Released, c.MachineRef.UID == am.UID, c.MachineRef.Name != am.Name, c.ClusterName != clusterName,
+		am.Spec.ProviderID != nil && *am.Spec.ProviderID != c.ProviderID:
+		return nil, nil
+	}
+	oldUID := c.MachineRef.UID
+	c.MachineRef.UID = am.UID
+	if host.Labels == nil {
+		host.Labels = map[string]string{}
+	}
+	host.Labels[ClaimedByLabel] = string(am.UID)
+	if err := r.Client.Update(ctx, host); err != nil {
+		return nil, fmt.Errorf("adopting host %s (claimed by this machine's previous UID %s): %w", host.Name, oldUID, err)
+	}
+	ctrl.LoggerFrom(ctx).Info("adopted the host this machine held before it was recreated (clusterctl move)", "host", host.Name, "previousUID", oldUID)
+	return host, nil
+}
+
+// unblockMoveWhenSettled runs while the cluster is paused: the machine does nothing, but the
+// install it started goes on, and the block-move annotation comes off once the host is
+// Provisioned (or no longer installing for it), so that clusterctl move can go ahead.
+func (r *AnvilMachineReconciler) unblockMoveWhenSettled(ctx context.Context, am *infrav1.AnvilMachine) error {
+	if _, blocked := am.Annotations[BlockMoveAnnotation]; !blocked {
+		return nil
+	}
+	host, err := r.heldHost(ctx, am)
+	if err != nil || (host != nil && installing(host)) {
+		return err // the host watch wakes us when it moves on
+	}
+	before := am.DeepCopy()
+	delete(am.Annotations, BlockMoveAnnotation)
+	return r.Client.Patch(ctx, am, client.MergeFrom(before))
+}
+
+// installing reports whether a claimed host is on its way to Provisioned: clusterctl move
+// must wait for it.
+func installing(h *infrav1.AnvilHost) bool {
+	if h.Spec.Claim == nil || h.Spec.Claim.Released {
+		return false
+	}
+	return h.Status.State == infrav1.HostStateAvailable || h.Status.State == infrav1.HostStateProvisioning
+}
+
+// providerIDFor is the providerID of the node a host runs: anvil://<namespace>/<host>.
+func providerIDFor(h *infrav1.AnvilHost) string {
+	return fmt.Sprintf("anvil://%s/%s", h.Namespace, h.Name)
+}
+
+// hostFromProviderID returns the host name in an anvil:// providerID of this namespace.
+func hostFromProviderID(namespace, providerID string) string {
+	rest, ok := strings.CutPrefix(providerID, "anvil://"+namespace+"/")
+	if !ok || rest == "" || strings.Contains(rest, "/") {
+		return ""
+	}
+	return rest
+}
+
 // reconcileDelete releases the host and waits until it has been wiped; after ReleaseTimeout
 // it gives up waiting, leaving the host in maintenance with the released claim, so that it is
 // wiped before it is ever handed out again.
-func (r *AnvilMachineReconciler) reconcileDelete(ctx context.Context, am *infrav1.AnvilMachine) (ctrl.Result, error) {
-	host, err := r.claimedHost(ctx, am)
+func (r *AnvilMachineReconciler) reconcileDelete(ctx context.Context, clusterName string, am *infrav1.AnvilMachine) (ctrl.Result, error) {
+	host, err := r.claimedHost(ctx, clusterName, am)
 	if err != nil {
 		return ctrl.Result{}, err
 	}
