@@ -59,6 +59,8 @@ type AnvilHostReconciler struct {
 	// polling from writing anything: lost on restart, which only causes one early poll.
 	powerSyncedAt  sync.Map
 	leaseRenewedAt sync.Map
+	// movable labels the hosts' Secrets for clusterctl move.
+	movable movableSecrets
 }
 
 // SetupWithManager registers the controller.
@@ -82,8 +84,8 @@ func (r *AnvilHostReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Man
 		// Status writes (our own) must not wake the host again: only spec, label and
 		// annotation changes do, and timed requeues pace everything else.
 		For(&infrav1.AnvilHost{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{},
-			predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{}))).
-		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretToHosts)).
+			predicate.LabelChangedPredicate{}, annotationsChangedByOthers()))).
+		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretToHosts), builder.WithPredicates(secretDataChanged())).
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
 		Complete(r)
@@ -208,7 +210,7 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 	if user == "" || pass == "" {
 		return nil, fmt.Errorf("credentials Secret %q must have non-empty keys username and password", name)
 	}
-	if err := ensureMovedWithHosts(ctx, r.Client, creds); err != nil {
+	if err := r.movable.ensure(ctx, r.Client, creds); err != nil {
 		return nil, err
 	}
 	t := &bmc.Target{Address: addr, Username: user, Password: pass, InsecureSkipVerify: host.Spec.BMC.InsecureSkipVerify, Timeout: r.BMCTimeout}
@@ -221,7 +223,7 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 		if !pool.AppendCertsFromPEM(ca.Data["ca.crt"]) {
 			return nil, fmt.Errorf("CA bundle Secret %q has no PEM certificate under key ca.crt", ref.Name)
 		}
-		if err := ensureMovedWithHosts(ctx, r.Client, ca); err != nil {
+		if err := r.movable.ensure(ctx, r.Client, ca); err != nil {
 			return nil, err
 		}
 		t.CAPool = pool

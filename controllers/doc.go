@@ -3,7 +3,7 @@
 //
 // The RBAC the manager needs is declared here, in one place, so `make manifests` renders the
 // ClusterRole from it. Secrets are patched only to add clusterctl's move label to the BMC
-// Secrets that hosts use (see ensureMovedWithHosts); their data is never written.
+// Secrets that hosts use (see movableSecrets); their data is never written.
 //
 // +kubebuilder:rbac:groups=infrastructure.cluster.x-k8s.io,resources=anvilhosts;anvilmachines;anvilclusters;anvilremediations,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups=infrastructure.cluster.x-k8s.io,resources=anvilhosts/status;anvilmachines/status;anvilclusters/status;anvilremediations/status,verbs=get;update;patch

@@ -28,11 +28,8 @@ func TestMovedMachineAdoptsItsHost(t *testing.T) {
 	f := newCAPIFixture(t, "zone-a", "zone-a")
 	am := f.waitMachine(f.machine("cp-0", "zone-a").Name, "was provisioned", provisioned)
 	host := f.waitFor("host-0", "was provisioned", func(h *infrav1.AnvilHost) bool { return h.Status.State == infrav1.HostStateProvisioned })
-	if am.Annotations[HostAnnotation] != "host-0" {
-		t.Errorf("AnvilMachine annotations %v: want %s=host-0", am.Annotations, HostAnnotation)
-	}
-	if _, blocked := am.Annotations[BlockMoveAnnotation]; blocked {
-		t.Error("a provisioned machine still blocks clusterctl move")
+	if _, blocked := host.Annotations[BlockMoveAnnotation]; blocked {
+		t.Error("a provisioned host still blocks clusterctl move")
 	}
 	if want := f.cluster.Name + "/cp-0@anvil://" + f.ns + "/host-0@" + am.Spec.Image.Checksum; host.Annotations[infrav1.ProvisionedForAnnotation] != want {
 		t.Errorf("host annotation %s=%q, want %q", infrav1.ProvisionedForAnnotation, host.Annotations[infrav1.ProvisionedForAnnotation], want)
@@ -67,6 +64,9 @@ func TestMovedMachineAdoptsItsHost(t *testing.T) {
 	f.recreate(host)
 	f.recreate(machine)
 	am.OwnerReferences = []metav1.OwnerReference{ownerRef(machine, "Machine")}
+	// clusterctl keeps finalizers (the e2e suite runs its real move); a restore from a backup
+	// may not: the providerID alone must lead the machine back to its host.
+	am.Finalizers = nil
 	f.recreate(am)
 	f.waitFor("host-0", "was Provisioned again", func(h *infrav1.AnvilHost) bool { return h.Status.State == infrav1.HostStateProvisioned })
 	f.setPaused(false)
@@ -92,7 +92,7 @@ func TestMovedMachineAdoptsItsHost(t *testing.T) {
 
 // TestFreshMachineDoesNotAdoptAStaleClaim: a machine that merely has the name of a machine
 // whose claim was never released (its finalizer was removed by hand) must not take that
-// host: nothing in its metadata says it ran there.
+// host: it has no providerID saying it ran there.
 func TestFreshMachineDoesNotAdoptAStaleClaim(t *testing.T) {
 	ctx := context.Background()
 	f := newCAPIFixture(t, "zone-a", "zone-a")
@@ -122,30 +122,48 @@ func TestFreshMachineDoesNotAdoptAStaleClaim(t *testing.T) {
 	}
 }
 
-// TestInstallBlocksMoveUntilProvisioned: from the claim until the host is Provisioned the
-// machine carries clusterctl's block-move annotation, and a pause does not strand it there:
-// the install goes on and the annotation comes off when it is done.
+// TestInstallBlocksMoveUntilProvisioned: from the claim until the host is Provisioned the host
+// carries clusterctl's block-move annotation (set with the claim, in the same write), and a
+// pause does not strand it there: the host controller does not pause, the install goes on,
+// and the annotation comes off when it is done. A released host blocks the move until it
+// is wiped.
 func TestInstallBlocksMoveUntilProvisioned(t *testing.T) {
 	f := newCAPIFixture(t, "zone-a")
 	f.bmcs["host-0"].SetFaults(redfish.Faults{Unavailable: true})
+	blocked := func(h *infrav1.AnvilHost) bool { return h.Annotations[BlockMoveAnnotation] != "" }
 	f.machine("w-0", "")
-	f.waitMachine("w-0", "blocked the move while its host cannot install", func(m *infrav1.AnvilMachine) bool {
-		return m != nil && m.Annotations[BlockMoveAnnotation] != "" && m.Status.HostRef != nil
+	f.waitFor("host-0", "blocked the move while it cannot install", func(h *infrav1.AnvilHost) bool {
+		return h.Spec.Claim != nil && blocked(h)
 	})
 	f.setPaused(true)
 	f.waitMachine("w-0", "saw the pause", func(m *infrav1.AnvilMachine) bool { return m != nil && conditions.IsTrue(m, clusterv1.PausedCondition) })
 	time.Sleep(time.Second)
-	if m := f.waitMachine("w-0", "was read", func(*infrav1.AnvilMachine) bool { return true }); m.Annotations[BlockMoveAnnotation] == "" {
-		t.Fatal("the pause lifted the block while the install had not finished")
+	if h := f.waitFor("host-0", "was read", func(*infrav1.AnvilHost) bool { return true }); !blocked(h) {
+		t.Fatal("the block was lifted while the install had not finished")
 	}
 	f.bmcs["host-0"].SetFaults(redfish.Faults{})
-	f.waitFor("host-0", "was provisioned", func(h *infrav1.AnvilHost) bool { return h.Status.State == infrav1.HostStateProvisioned })
-	m := f.waitMachine("w-0", "let clusterctl move go ahead", func(m *infrav1.AnvilMachine) bool {
-		return m != nil && m.Annotations[BlockMoveAnnotation] == ""
+	f.waitFor("host-0", "was provisioned and let clusterctl move go ahead", func(h *infrav1.AnvilHost) bool {
+		return h.Status.State == infrav1.HostStateProvisioned && !blocked(h)
 	})
-	if provisioned(m) {
+	if m := f.waitMachine("w-0", "was read", func(*infrav1.AnvilMachine) bool { return true }); provisioned(m) {
 		t.Error("a paused machine reported its host provisioned")
 	}
+
+	// Unpaused and deleted: the released host blocks the move until it is wiped.
+	f.setPaused(false)
+	f.waitMachine("w-0", "was provisioned", provisioned)
+	f.bmcs["host-0"].SetFaults(redfish.Faults{Unavailable: true})
+	am := f.waitMachine("w-0", "was read", func(*infrav1.AnvilMachine) bool { return true })
+	if err := env.Client.Delete(context.Background(), am); err != nil {
+		t.Fatal(err)
+	}
+	f.waitFor("host-0", "blocked the move while it cannot be wiped", func(h *infrav1.AnvilHost) bool {
+		return h.Spec.Claim != nil && h.Spec.Claim.Released && blocked(h)
+	})
+	f.bmcs["host-0"].SetFaults(redfish.Faults{})
+	f.waitFor("host-0", "was wiped and let clusterctl move go ahead", func(h *infrav1.AnvilHost) bool {
+		return h.Spec.Claim == nil && h.Status.State == infrav1.HostStateAvailable && !blocked(h)
+	})
 }
 
 // waitGone waits until o no longer exists.
@@ -206,8 +224,9 @@ func (f *capiFixture) deleteForMove(o client.Object) {
 	}
 }
 
-// recreate creates o again as clusterctl move creates it in the target: same metadata and
-// spec, no UID, resourceVersion or status. o is updated with what the API server returned.
+// recreate creates o again as clusterctl move creates it in the target: same metadata
+// (finalizers included) and spec, no UID, resourceVersion or status. o is updated with what
+// the API server returned.
 func (f *capiFixture) recreate(o client.Object) {
 	f.t.Helper()
 	o.SetUID("")
@@ -219,7 +238,6 @@ func (f *capiFixture) recreate(o client.Object) {
 	a := o.GetAnnotations()
 	delete(a, DeleteForMoveAnnotation)
 	o.SetAnnotations(a)
-	o.SetFinalizers(nil)
 	f.create(o)
 }
 

@@ -19,6 +19,12 @@ const RebootAnnotation = LabelDomain + "/reboot"
 // asks for exactly this install goes back to Provisioned without being installed again.
 const ProvisionedForAnnotation = LabelDomain + "/provisioned-for"
 
+// BlockMoveAnnotation is clusterctl's block-move annotation: `clusterctl move` waits while any
+// object it moves carries it. A host carries it from the moment a machine claims it until it
+// is Provisioned (or, after a release, wiped): the AnvilMachine controller sets it with the
+// claim, the host controller removes it, and neither stops for a paused cluster.
+const BlockMoveAnnotation = "clusterctl.cluster.x-k8s.io/block-move"
+
 // DefaultFailureDomainLabel is the host label that names a host's failure domain unless an
 // AnvilCluster says otherwise.
 const DefaultFailureDomainLabel = "topology.kubernetes.io/zone"

@@ -147,8 +147,26 @@ func (m *Machine) Step(ctx context.Context, in Input) Result {
 		}
 	}
 	s.setReady()
+	syncBlockMove(h)
 	h.Status.ObservedGeneration = h.Generation
 	return *res
+}
+
+// syncBlockMove keeps clusterctl's block-move annotation on a claimed host until it is
+// Provisioned, and on a released one until it is wiped: a move must not copy a host halfway
+// through either. A host in maintenance does nothing, so it blocks nothing. The annotation
+// changes only with the claim or the state, so it rides on writes that happen anyway.
+func syncBlockMove(h *infrav1.AnvilHost) {
+	busy := h.Spec.Claim != nil && h.Spec.Maintenance == nil &&
+		h.Status.State != infrav1.HostStateProvisioned && h.Status.State != infrav1.HostStateRetired
+	if !busy {
+		delete(h.Annotations, infrav1.BlockMoveAnnotation)
+		return
+	}
+	if h.Annotations == nil {
+		h.Annotations = map[string]string{}
+	}
+	h.Annotations[infrav1.BlockMoveAnnotation] = "true"
 }
 
 func (s *step) handle(state infrav1.HostState) stepResult {

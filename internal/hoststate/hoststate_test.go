@@ -257,3 +257,51 @@ func TestHostWithLostStatusKeepsItsInstall(t *testing.T) {
 		t.Errorf("after the release: state %s, annotations %v", h.Status.State, h.Annotations)
 	}
 }
+
+// TestBlockMoveFollowsTheClaim: a claimed host blocks clusterctl move until it is
+// Provisioned, a released one until it is wiped; maintenance blocks nothing.
+func TestBlockMoveFollowsTheClaim(t *testing.T) {
+	fh, m := fixture()
+	fh.step(m)
+	h := fh.Host
+	blocked := func() bool { _, ok := h.Annotations[infrav1.BlockMoveAnnotation]; return ok }
+	if blocked() {
+		t.Fatal("an unclaimed host blocks the move")
+	}
+	h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m", UID: "u"}, ProviderID: "anvil://ns/h",
+		Image: &infrav1.Image{URL: "https://img/os.img", Checksum: "sha256:00"}}
+	fh.BMC.SetFail(errors.New("BMC unreachable"))
+	fh.step(m)
+	if !blocked() || h.Status.State == infrav1.HostStateProvisioned {
+		t.Fatalf("claimed host that cannot install yet: state %s, blocked %v", h.Status.State, blocked())
+	}
+	h.Spec.Maintenance = &infrav1.Maintenance{Reason: "BMC replaced"}
+	fh.step(m)
+	if blocked() {
+		t.Error("a host in maintenance blocks the move")
+	}
+	h.Spec.Maintenance = nil
+	fh.BMC.SetFail(nil)
+	for i := 0; i < 10 && h.Status.State != infrav1.HostStateProvisioned; i++ {
+		time.Sleep(5 * time.Millisecond) // past the pool's back-off
+		fh.step(m)
+	}
+	if h.Status.State != infrav1.HostStateProvisioned || blocked() {
+		t.Fatalf("after the install: state %s, blocked %v", h.Status.State, blocked())
+	}
+	h.Spec.Claim.Released = true
+	fh.BMC.SetFail(errors.New("BMC unreachable"))
+	fh.lastSync = time.Time{}
+	fh.step(m)
+	if !blocked() {
+		t.Errorf("a released host that is not wiped yet does not block the move (state %s)", h.Status.State)
+	}
+	fh.BMC.SetFail(nil)
+	for i := 0; i < 10 && h.Spec.Claim != nil; i++ {
+		time.Sleep(5 * time.Millisecond)
+		fh.step(m)
+	}
+	if h.Spec.Claim != nil || blocked() {
+		t.Errorf("after the wipe: claim %+v, blocked %v", h.Spec.Claim, blocked())
+	}
+}
