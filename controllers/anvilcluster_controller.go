@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"sort"
 
@@ -13,10 +14,13 @@ import (
 	"sigs.k8s.io/cluster-api/util/paused"
 	"sigs.k8s.io/cluster-api/util/predicates"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
@@ -35,16 +39,41 @@ func (r *AnvilClusterReconciler) SetupWithManager(ctx context.Context, mgr ctrl.
 		For(&infrav1.AnvilCluster{}).
 		Watches(&clusterv1.Cluster{}, handler.EnqueueRequestsFromMapFunc(util.ClusterToInfrastructureMapFunc(ctx,
 			infrav1.GroupVersion.WithKind("AnvilCluster"), mgr.GetClient(), &infrav1.AnvilCluster{}))).
-		// A host joining or leaving a zone changes the failure domains.
-		Watches(&infrav1.AnvilHost{}, handler.EnqueueRequestsFromMapFunc(r.hostToClusters)).
+		// A host joining or leaving a zone changes the failure domains; its claims, status
+		// and the rest of a host's life do not.
+		Watches(&infrav1.AnvilHost{}, handler.EnqueueRequestsFromMapFunc(r.hostToClusters),
+			builder.WithPredicates(hostFailureDomainChanged())).
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
 		Complete(r)
 }
 
+// hostFailureDomainChanged passes the host events that can change a namespace's failure
+// domains: a host created or deleted, relabelled (other than by a claim), or retired.
+func hostFailureDomainChanged() predicate.Funcs {
+	return predicate.Funcs{
+		UpdateFunc: func(e event.UpdateEvent) bool {
+			o, okOld := e.ObjectOld.(*infrav1.AnvilHost)
+			n, okNew := e.ObjectNew.(*infrav1.AnvilHost)
+			if !okOld || !okNew {
+				return true
+			}
+			retired := func(h *infrav1.AnvilHost) bool {
+				return h.Spec.Retire || h.Status.State == infrav1.HostStateRetired
+			}
+			withoutClaim := func(l map[string]string) map[string]string {
+				out := maps.Clone(l)
+				delete(out, ClaimedByLabel)
+				return out
+			}
+			return retired(o) != retired(n) || !maps.Equal(withoutClaim(o.Labels), withoutClaim(n.Labels))
+		},
+	}
+}
+
 func (r *AnvilClusterReconciler) hostToClusters(ctx context.Context, o client.Object) []reconcile.Request {
 	clusters := &infrav1.AnvilClusterList{}
-	if err := r.Client.List(ctx, clusters, client.InNamespace(o.GetNamespace())); err != nil {
+	if err := r.Client.List(ctx, clusters, client.InNamespace(o.GetNamespace()), client.UnsafeDisableDeepCopy); err != nil {
 		return nil
 	}
 	reqs := make([]reconcile.Request, 0, len(clusters.Items))
@@ -111,7 +140,8 @@ func (r *AnvilClusterReconciler) Reconcile(ctx context.Context, req ctrl.Request
 // hosts that can still serve (retired hosts are gone for good).
 func (r *AnvilClusterReconciler) failureDomains(ctx context.Context, ac *infrav1.AnvilCluster) ([]clusterv1.FailureDomain, error) {
 	hosts := &infrav1.AnvilHostList{}
-	if err := r.Client.List(ctx, hosts, client.InNamespace(ac.Namespace)); err != nil {
+	// Read-only use of the cache's own objects: no copy of the fleet per reconcile.
+	if err := r.Client.List(ctx, hosts, client.InNamespace(ac.Namespace), client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	label := ac.Spec.FailureDomainLabel

@@ -61,6 +61,8 @@ type AnvilHostReconciler struct {
 	written writtenVersions
 	// caPools holds parsed CA bundles by Secret version.
 	caPools caPools
+	// movable labels the hosts' Secrets for clusterctl move.
+	movable movableSecrets
 }
 
 // SetupWithManager registers the controller.
@@ -82,7 +84,7 @@ func (r *AnvilHostReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Man
 	}
 	return b.
 		For(&infrav1.AnvilHost{}, builder.WithPredicates(hostChangedByOthers())).
-		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretToHosts)).
+		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretToHosts), builder.WithPredicates(secretDataChanged())).
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
 		Complete(r)
@@ -186,7 +188,8 @@ func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1
 // reconcileDelete refuses to let a claimed host vanish under its machine: the machine must
 // release it (and so have it wiped) first.
 func (r *AnvilHostReconciler) reconcileDelete(ctx context.Context, host *infrav1.AnvilHost) (ctrl.Result, error) {
-	if c := host.Spec.Claim; c != nil && !c.Released && host.Status.State != infrav1.HostStateRetired {
+	// A host deleted by clusterctl move lives on in the target management cluster.
+	if c := host.Spec.Claim; c != nil && !c.Released && host.Status.State != infrav1.HostStateRetired && !deletedForMove(host) {
 		conditions.Set(host, metav1.Condition{Type: hoststate.ConditionReady, Status: metav1.ConditionFalse, Reason: "DeletionBlocked",
 			Message: fmt.Sprintf("host is claimed by AnvilMachine %s; delete or scale down that machine first", c.MachineRef.Name)})
 		return ctrl.Result{RequeueAfter: 30 * time.Second}, nil
@@ -216,6 +219,9 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 	if user == "" || pass == "" {
 		return nil, fmt.Errorf("credentials Secret %q must have non-empty keys username and password", name)
 	}
+	if err := r.movable.ensure(ctx, r.Client, creds); err != nil {
+		return nil, err
+	}
 	t := &bmc.Target{Address: addr, Username: user, Password: pass, InsecureSkipVerify: host.Spec.BMC.InsecureSkipVerify, Timeout: r.BMCTimeout}
 	if ref := host.Spec.BMC.CABundleRef; ref != nil {
 		ca := &corev1.Secret{}
@@ -224,6 +230,9 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 		}
 		pool, err := r.caPools.pool(ca)
 		if err != nil {
+			return nil, err
+		}
+		if err := r.movable.ensure(ctx, r.Client, ca); err != nil {
 			return nil, err
 		}
 		t.CAPool = pool

@@ -20,7 +20,7 @@ import (
 // labels) pass nothing, so they do not reconcile each host a second time; timed requeues pace
 // everything else.
 func hostChangedByOthers() predicate.Predicate {
-	return predicate.Or(predicate.GenerationChangedPredicate{}, predicate.AnnotationChangedPredicate{}, foreignLabelsChanged{})
+	return predicate.Or(predicate.GenerationChangedPredicate{}, annotationsChangedByOthers(), foreignLabelsChanged{})
 }
 
 // foreignLabelsChanged is LabelChangedPredicate without the hardware labels.

@@ -15,8 +15,8 @@ import (
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	"sigs.k8s.io/cluster-api/util"
+	"sigs.k8s.io/cluster-api/util/annotations"
 	"sigs.k8s.io/cluster-api/util/conditions"
-	"sigs.k8s.io/cluster-api/util/patch"
 	"sigs.k8s.io/cluster-api/util/paused"
 	"sigs.k8s.io/cluster-api/util/predicates"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
@@ -44,9 +45,14 @@ const (
 // do I hold?" is one label-selected live read, never answered from a possibly stale cache.
 const ClaimedByLabel = infrav1.LabelDomain + "/claimed-by"
 
-// BlockMoveAnnotation tells clusterctl move to wait while a BMC operation or install is in
-// flight.
-const BlockMoveAnnotation = "clusterctl.cluster.x-k8s.io/block-move"
+// BlockMoveAnnotation is clusterctl's block-move annotation. The machine controller puts it
+// on a host together with the claim; the host controller removes it once the host is
+// Provisioned (or wiped after a release).
+const BlockMoveAnnotation = infrav1.BlockMoveAnnotation
+
+// machineCacheLagRequeue is how soon a machine is looked at again when the cache has not yet
+// seen this controller's last write to it (usually well under a second).
+const machineCacheLagRequeue = 200 * time.Millisecond
 
 // DefaultReleaseTimeout is how long a deleted machine waits for its host to be wiped before it
 // goes anyway, leaving the host in maintenance (never Available unwiped).
@@ -59,6 +65,13 @@ type AnvilMachineReconciler struct {
 	APIReader        client.Reader
 	ReleaseTimeout   time.Duration
 	WatchFilterValue string
+
+	// claims are the hosts this process is claiming or has just claimed, until the cache
+	// shows it: parallel reconciles then choose different hosts instead of racing for the
+	// same best one and retrying on conflicts.
+	claims claimLedger
+	// writes holds each machine back until the cache has this controller's last write to it.
+	writes machineWrites
 }
 
 // SetupWithManager registers the controller.
@@ -69,7 +82,11 @@ func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.
 		return err
 	}
 	return ctrl.NewControllerManagedBy(mgr).
-		For(&infrav1.AnvilMachine{}).
+		// Only this controller writes a machine's status: its own status writes need not wake
+		// it (and would find the cache behind them). Spec, labels, annotations (pause) and
+		// deletion (which bumps the generation) do.
+		For(&infrav1.AnvilMachine{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{},
+			predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{}))).
 		Watches(&clusterv1.Machine{}, handler.EnqueueRequestsFromMapFunc(util.MachineToInfrastructureMapFunc(infrav1.GroupVersion.WithKind("AnvilMachine")))).
 		Watches(&infrav1.AnvilHost{}, handler.EnqueueRequestsFromMapFunc(r.hostToMachines)).
 		// Pausing or unpausing the cluster must reach its machines (clusterctl move).
@@ -91,7 +108,8 @@ func (r *AnvilMachineReconciler) hostToMachines(ctx context.Context, o client.Ob
 		return nil
 	}
 	machines := &infrav1.AnvilMachineList{}
-	if err := r.Client.List(ctx, machines, client.InNamespace(h.Namespace)); err != nil {
+	// Read-only use of the cache's own objects: no copy of every machine per host event.
+	if err := r.Client.List(ctx, machines, client.InNamespace(h.Namespace), client.UnsafeDisableDeepCopy); err != nil {
 		return nil
 	}
 	var reqs []reconcile.Request
@@ -103,13 +121,20 @@ func (r *AnvilMachineReconciler) hostToMachines(ctx context.Context, o client.Ob
 	return reqs
 }
 
-// Reconcile follows CAPD's order: object, owner Machine, Cluster, pause, patch helper,
-// finalizer, then delete or normal.
+// Reconcile follows CAPD's order: object, owner Machine, Cluster, pause, patch on return,
+// delete, or finalizer and normal.
 func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Result, reterr error) {
 	log := ctrl.LoggerFrom(ctx)
 	am := &infrav1.AnvilMachine{}
 	if err := r.Client.Get(ctx, req.NamespacedName, am); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.writes.forget(req.NamespacedName)
+		}
 		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if r.writes.cacheBehind(req.NamespacedName, am.ResourceVersion) {
+		log.V(4).Info("the cache has not seen this controller's last write yet", "resourceVersion", am.ResourceVersion)
+		return ctrl.Result{RequeueAfter: machineCacheLagRequeue}, nil
 	}
 	machine, err := util.GetOwnerMachine(ctx, r.Client, am.ObjectMeta)
 	if err != nil {
@@ -129,41 +154,64 @@ func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request
 
 	// Pause comes before deletion: clusterctl move pauses, then deletes the source objects,
 	// and that deletion must not release (and wipe) the hosts.
-	if isPaused, requeue, err := paused.EnsurePausedCondition(ctx, r.Client, cluster, am); err != nil || isPaused || requeue {
+	if annotations.IsPaused(cluster, am) {
+		_, _, err := paused.EnsurePausedCondition(ctx, r.Client, cluster, am)
 		return ctrl.Result{}, err
 	}
 
-	helper, err := patch.NewHelper(am, r.Client)
-	if err != nil {
-		return ctrl.Result{}, err
-	}
+	before := am.DeepCopy()
 	defer func() {
-		if err := helper.Patch(ctx, am, patch.WithOwnedConditions{Conditions: []string{
-			clusterv1.ReadyCondition, ConditionHostClaimed, ConditionHostProvisioned, clusterv1.PausedCondition,
-		}}); err != nil {
+		// Paused=False goes out with the first status write there is anyway (or at once when
+		// the machine was paused): never a write of its own.
+		if !equality.Semantic.DeepEqual(before.Status, am.Status) || conditions.IsTrue(before, clusterv1.PausedCondition) {
+			setNotPaused(am)
+		}
+		wrote, err := patchMachine(ctx, r.Client, before, am)
+		if err != nil {
 			reterr = kerrors.NewAggregate([]error{reterr, err})
+		}
+		if wrote {
+			r.writes.remember(req.NamespacedName, am.ResourceVersion)
 		}
 	}()
 
 	if !am.DeletionTimestamp.IsZero() {
-		return r.reconcileDelete(ctx, am)
+		return r.reconcileDelete(ctx, cluster.Name, am)
 	}
-	if controllerutil.AddFinalizer(am, infrav1.MachineFinalizer) {
-		return ctrl.Result{}, nil // persist the finalizer before claiming anything
+	// The finalizer is persisted before any claim, so no machine can vanish without
+	// releasing its host; the reconcile then goes on from what the API server returned.
+	// A machine that had no finalizer (nor a providerID, as a machine restored without its
+	// finalizers would have) has therefore never claimed a host.
+	neverClaimed := controllerutil.AddFinalizer(am, infrav1.MachineFinalizer) && am.Spec.ProviderID == nil
+	if controllerutil.ContainsFinalizer(am, infrav1.MachineFinalizer) && !controllerutil.ContainsFinalizer(before, infrav1.MachineFinalizer) {
+		if _, err := patchMachine(ctx, r.Client, before, am); err != nil {
+			return ctrl.Result{}, err
+		}
+		before = am.DeepCopy()
 	}
-	return r.reconcileNormal(ctx, cluster, machine, am)
+	return r.reconcileNormal(ctx, cluster, machine, am, neverClaimed)
 }
 
-func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (ctrl.Result, error) {
+// setNotPaused records that the machine is reconciled (the pause path writes Paused=True).
+// The condition's transition time is kept while it stays False.
+func setNotPaused(am *infrav1.AnvilMachine) {
+	conditions.Set(am, metav1.Condition{Type: clusterv1.PausedCondition, Status: metav1.ConditionFalse,
+		Reason: clusterv1.NotPausedReason, ObservedGeneration: am.Generation})
+}
+
+func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine, neverClaimed bool) (ctrl.Result, error) {
 	if machine.Spec.Bootstrap.DataSecretName == nil {
 		setCondition(am, ConditionHostClaimed, false, "WaitingForBootstrapData", "waiting for the Machine's bootstrap data Secret")
 		setCondition(am, clusterv1.ReadyCondition, false, "WaitingForBootstrapData", "waiting for the Machine's bootstrap data Secret")
 		return ctrl.Result{}, nil
 	}
 
-	host, err := r.claimedHost(ctx, am)
-	if err != nil {
-		return ctrl.Result{}, err
+	var host *infrav1.AnvilHost
+	var err error
+	if !neverClaimed {
+		if host, err = r.claimedHost(ctx, cluster.Name, am); err != nil {
+			return ctrl.Result{}, err
+		}
 	}
 	if host == nil {
 		var result ctrl.Result
@@ -181,8 +229,7 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 	}
 	switch host.Status.State {
 	case infrav1.HostStateProvisioned:
-		delete(am.Annotations, BlockMoveAnnotation)
-		providerID := fmt.Sprintf("anvil://%s/%s", host.Namespace, host.Name)
+		providerID := providerIDFor(host)
 		am.Spec.ProviderID = &providerID
 		am.Status.Addresses = machineAddresses(host)
 		am.Status.Initialization.Provisioned = ptr.To(true)
@@ -190,19 +237,10 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
 		return ctrl.Result{}, nil
 	case infrav1.HostStateUpgrading:
-		// The machine keeps its node through the upgrade (the active slot stays bootable), but
-		// the host is mid-install: no move until it is done.
-		if am.Annotations == nil {
-			am.Annotations = map[string]string{}
-		}
-		am.Annotations[BlockMoveAnnotation] = "true"
+		// The machine keeps its node through the upgrade: the active slot stays bootable (the
+		// host blocks clusterctl move meanwhile).
 		setCondition(am, ConditionHostProvisioned, true, "Upgrading", "host "+host.Name+" is writing a new image into its inactive slot")
 		return ctrl.Result{}, nil
-	case infrav1.HostStateProvisioning:
-		if am.Annotations == nil {
-			am.Annotations = map[string]string{}
-		}
-		am.Annotations[BlockMoveAnnotation] = "true"
 	}
 	msg := fmt.Sprintf("host %s is %s", host.Name, host.Status.State)
 	if host.Status.LastError != nil {
@@ -245,7 +283,9 @@ func (r *AnvilMachineReconciler) syncImage(ctx context.Context, host *infrav1.An
 // choose again. No lock is held; two machines can never both win one host.
 func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, ctrl.Result, error) {
 	hosts := &infrav1.AnvilHostList{}
-	if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace)); err != nil {
+	// The cache's own objects, read-only (placement does not modify them): copying every
+	// host for every claim would dominate the cost of a large fleet.
+	if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace), client.UnsafeDisableDeepCopy); err != nil {
 		return nil, ctrl.Result{}, err
 	}
 	req := placement.Request{Hardware: am.Spec.Hardware, FailureDomainLabel: r.failureDomainLabel(ctx, cluster)}
@@ -263,7 +303,15 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 		}
 		req.Selector = sel
 	}
+	// Hosts that this process is claiming right now, or claimed so recently that the cache
+	// does not show it yet, count as claimed: each racing reconcile takes the best host left.
+	claiming := r.claims.snapshot()
+	req.Claimed = func(h *infrav1.AnvilHost) bool {
+		_, ok := claiming[client.ObjectKeyFromObject(h)]
+		return ok
+	}
 	choice := placement.Choose(hosts.Items, req)
+	r.claims.settled(hosts.Items, claiming)
 	if choice.Host == nil {
 		msg := choice.Explain()
 		if req.FailureDomain != "" {
@@ -275,19 +323,31 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	}
 
 	host := choice.Host.DeepCopy()
+	key := client.ObjectKeyFromObject(host)
+	if !r.claims.reserve(key, am.UID) {
+		// Another reconcile took it between the snapshot and now: choose again at once.
+		return nil, ctrl.Result{RequeueAfter: time.Millisecond}, nil
+	}
 	host.Spec.Claim = &infrav1.HostClaim{
 		MachineRef:             infrav1.MachineReference{Name: am.Name, UID: am.UID},
 		ClusterName:            cluster.Name,
 		Image:                  am.Spec.Image.DeepCopy(),
 		BootstrapDataSecretRef: &infrav1.LocalSecretReference{Name: *machine.Spec.Bootstrap.DataSecretName},
-		ProviderID:             fmt.Sprintf("anvil://%s/%s", host.Namespace, host.Name),
+		ProviderID:             providerIDFor(host),
 		WipePolicy:             am.Spec.WipePolicy,
 	}
 	if host.Labels == nil {
 		host.Labels = map[string]string{}
 	}
 	host.Labels[ClaimedByLabel] = string(am.UID)
+	if host.Annotations == nil {
+		host.Annotations = map[string]string{}
+	}
+	// From the claim until the host is Provisioned, clusterctl move waits (the host
+	// controller removes this).
+	host.Annotations[BlockMoveAnnotation] = "true"
 	if err := r.Client.Update(ctx, host); err != nil {
+		r.claims.release(key)
 		if apierrors.IsConflict(err) {
 			// Someone else changed the host first: choose again soon, with jitter so racing
 			// machines spread out.
@@ -299,8 +359,33 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	return host, ctrl.Result{}, nil
 }
 
-// claimedHost returns the host this machine holds, read live from the API server by label.
-func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+// claimedHost returns the host this machine holds, read live from the API server. A
+// machine that `clusterctl move` recreated (new UID) finds its host through its providerID
+// and adopts it.
+func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, clusterName string, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+	host, err := r.heldHost(ctx, am)
+	if host != nil || err != nil {
+		return host, err
+	}
+	return r.adoptMovedHost(ctx, clusterName, am)
+}
+
+// heldHost returns the host whose claim carries this machine's UID, or nil. The host named
+// in status is read from the cache, which cannot show a claim that was never made; whenever
+// that does not confirm the claim (no host recorded yet, or a cache behind the claim), the
+// answer comes from the API server itself, by the claimed-by label, so that a lagging cache
+// never leads to a second claim.
+func (r *AnvilMachineReconciler) heldHost(ctx context.Context, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+	if ref := am.Status.HostRef; ref != nil {
+		host := &infrav1.AnvilHost{}
+		err := r.Client.Get(ctx, client.ObjectKey{Namespace: am.Namespace, Name: ref.Name}, host)
+		if client.IgnoreNotFound(err) != nil {
+			return nil, err
+		}
+		if err == nil && host.Spec.Claim != nil && host.Spec.Claim.MachineRef.UID == am.UID {
+			return host, nil
+		}
+	}
 	hosts := &infrav1.AnvilHostList{}
 	if err := r.APIReader.List(ctx, hosts, client.InNamespace(am.Namespace), client.MatchingLabels{ClaimedByLabel: string(am.UID)}); err != nil {
 		return nil, err
@@ -313,11 +398,63 @@ func (r *AnvilMachineReconciler) claimedHost(ctx context.Context, am *infrav1.An
 	return nil, nil
 }
 
+// adoptMovedHost takes back the host of a machine that clusterctl move recreated: the host
+// its providerID names, if that host's claim is for a machine of this name in this cluster
+// with this providerID, under another UID. (Only provisioned machines are moved with hosts:
+// a claimed host blocks the move until it is Provisioned, and the machine's providerID is set
+// from then on.) The claim's UID and the claimed-by label are updated with the
+// resourceVersion just read, so a racing writer makes the adoption fail and retry. A new
+// machine has no providerID, so it never adopts anything.
+func (r *AnvilMachineReconciler) adoptMovedHost(ctx context.Context, clusterName string, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, error) {
+	if am.Spec.ProviderID == nil {
+		return nil, nil
+	}
+	name := hostFromProviderID(am.Namespace, *am.Spec.ProviderID)
+	if name == "" {
+		return nil, nil
+	}
+	host := &infrav1.AnvilHost{}
+	if err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: am.Namespace, Name: name}, host); err != nil {
+		return nil, client.IgnoreNotFound(err)
+	}
+	c := host.Spec.Claim
+	switch {
+	case c == nil, c.Released, c.MachineRef.UID == am.UID, c.MachineRef.Name != am.Name, c.ClusterName != clusterName,
+		c.ProviderID != *am.Spec.ProviderID:
+		return nil, nil
+	}
+	oldUID := c.MachineRef.UID
+	c.MachineRef.UID = am.UID
+	if host.Labels == nil {
+		host.Labels = map[string]string{}
+	}
+	host.Labels[ClaimedByLabel] = string(am.UID)
+	if err := r.Client.Update(ctx, host); err != nil {
+		return nil, fmt.Errorf("adopting host %s (claimed by this machine's previous UID %s): %w", host.Name, oldUID, err)
+	}
+	ctrl.LoggerFrom(ctx).Info("adopted the host this machine held before it was recreated (clusterctl move)", "host", host.Name, "previousUID", oldUID)
+	return host, nil
+}
+
+// providerIDFor is the providerID of the node a host runs: anvil://<namespace>/<host>.
+func providerIDFor(h *infrav1.AnvilHost) string {
+	return fmt.Sprintf("anvil://%s/%s", h.Namespace, h.Name)
+}
+
+// hostFromProviderID returns the host name in an anvil:// providerID of this namespace.
+func hostFromProviderID(namespace, providerID string) string {
+	rest, ok := strings.CutPrefix(providerID, "anvil://"+namespace+"/")
+	if !ok || rest == "" || strings.Contains(rest, "/") {
+		return ""
+	}
+	return rest
+}
+
 // reconcileDelete releases the host and waits until it has been wiped; after ReleaseTimeout
 // it gives up waiting, leaving the host in maintenance with the released claim, so that it is
 // wiped before it is ever handed out again.
-func (r *AnvilMachineReconciler) reconcileDelete(ctx context.Context, am *infrav1.AnvilMachine) (ctrl.Result, error) {
-	host, err := r.claimedHost(ctx, am)
+func (r *AnvilMachineReconciler) reconcileDelete(ctx context.Context, clusterName string, am *infrav1.AnvilMachine) (ctrl.Result, error) {
+	host, err := r.claimedHost(ctx, clusterName, am)
 	if err != nil {
 		return ctrl.Result{}, err
 	}

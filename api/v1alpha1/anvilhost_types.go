@@ -120,7 +120,9 @@ type MachineReference struct {
 	// +kubebuilder:validation:MaxLength=253
 	Name string `json:"name"`
 	// uid of the AnvilMachine, so that a new object with the same name is not mistaken for
-	// the owner of an old claim.
+	// the owner of an old claim. It is the one part of a claim that may change: `clusterctl
+	// move` recreates the AnvilMachine with a new UID, and the machine then adopts its host by
+	// name, cluster and providerID.
 	// +required
 	UID types.UID `json:"uid"`
 }
@@ -165,10 +167,21 @@ type HostClaim struct {
 	Released bool `json:"released,omitempty"`
 }
 
+// ProvisionedFor identifies the install this claim asks for: the machine by name and cluster
+// (not by UID, which `clusterctl move` changes), the providerID and the image checksum. It is
+// the value of ProvisionedForAnnotation once that install has completed.
+func (c *HostClaim) ProvisionedFor() string {
+	checksum := ""
+	if c.Image != nil {
+		checksum = c.Image.Checksum
+	}
+	return c.ClusterName + "/" + c.MachineRef.Name + "@" + c.ProviderID + "@" + checksum
+}
+
 // AnvilHostSpec is what an operator (and, within spec.claim, an AnvilMachine) wants of one
 // physical server.
 // +kubebuilder:validation:XValidation:rule="!has(oldSelf.retire) || !oldSelf.retire || (has(self.retire) && self.retire)",message="retire cannot be undone: a retired host is scrapped; create a new AnvilHost to bring the server back"
-// +kubebuilder:validation:XValidation:rule="!has(oldSelf.claim) || !has(self.claim) || self.claim.machineRef == oldSelf.claim.machineRef",message="claim.machineRef cannot change while the host is claimed: release the claim first"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.claim) || !has(self.claim) || (self.claim.machineRef.name == oldSelf.claim.machineRef.name && has(self.claim.clusterName) == has(oldSelf.claim.clusterName) && (!has(self.claim.clusterName) || self.claim.clusterName == oldSelf.claim.clusterName))",message="a claim cannot pass to another machine or cluster (claim.machineRef.name and claim.clusterName are fixed while the host is claimed): release the claim first"
 type AnvilHostSpec struct {
 	// bmc says how to reach the server's BMC.
 	// +required
@@ -469,6 +482,7 @@ type AnvilHostStatus struct {
 // +kubebuilder:resource:path=anvilhosts,scope=Namespaced,categories=cluster-api;anvil,shortName=ah
 // +kubebuilder:subresource:status
 // +kubebuilder:metadata:labels="cluster.x-k8s.io/v1beta2=v1alpha1"
+// +kubebuilder:metadata:labels="clusterctl.cluster.x-k8s.io/move-hierarchy=true"
 // +kubebuilder:printcolumn:name="State",type="string",JSONPath=".status.state",description="Lifecycle state"
 // +kubebuilder:printcolumn:name="Power",type="string",JSONPath=".status.power",description="Power state reported by the BMC"
 // +kubebuilder:printcolumn:name="Machine",type="string",JSONPath=".spec.claim.machineRef.name",description="AnvilMachine holding the host"
@@ -478,6 +492,11 @@ type AnvilHostStatus struct {
 // +kubebuilder:printcolumn:name="Age",type="date",JSONPath=".metadata.creationTimestamp"
 
 // AnvilHost is one physical server under Anvil's management.
+//
+// Its CRD carries clusterctl's move-hierarchy label: `clusterctl move` takes every host of the
+// namespace it moves (with what the host owns) along with the clusters, since a cluster's
+// machines cannot be managed without their hosts. BMC Secrets go too: the host controller
+// labels the Secrets its hosts use with clusterctl's move label.
 type AnvilHost struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`

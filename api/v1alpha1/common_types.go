@@ -12,6 +12,19 @@ const SyncPowerAnnotation = LabelDomain + "/sync-power"
 // removes it when the cycle was issued.
 const RebootAnnotation = LabelDomain + "/reboot"
 
+// ProvisionedForAnnotation on an AnvilHost records what the host last installed, as
+// "<cluster>/<machine>@<providerID>@<image checksum>" (see HostClaim.ProvisionedFor). The host
+// controller sets it when an install completes and removes it with the claim. It lives in
+// metadata because `clusterctl move` does not carry status: a moved host whose claim still
+// asks for exactly this install goes back to Provisioned without being installed again.
+const ProvisionedForAnnotation = LabelDomain + "/provisioned-for"
+
+// BlockMoveAnnotation is clusterctl's block-move annotation: `clusterctl move` waits while any
+// object it moves carries it. A host carries it from the moment a machine claims it until it
+// is Provisioned (or, after a release, wiped): the AnvilMachine controller sets it with the
+// claim, the host controller removes it, and neither stops for a paused cluster.
+const BlockMoveAnnotation = "clusterctl.cluster.x-k8s.io/block-move"
+
 // DefaultFailureDomainLabel is the host label that names a host's failure domain unless an
 // AnvilCluster says otherwise.
 const DefaultFailureDomainLabel = "topology.kubernetes.io/zone"

@@ -197,15 +197,33 @@ func TestHostValidation(t *testing.T) {
 	t.Run("a claim cannot pass to another machine", func(t *testing.T) {
 		h := validHost(ns)
 		h.Name = "claimed"
-		h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m1", UID: "uid-1"}}
+		h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m1", UID: "uid-1"}, ClusterName: "c1"}
 		if err := env.Client.Create(ctx, h); err != nil {
 			t.Fatal(err)
 		}
 		if h.Spec.Claim.WipePolicy != infrav1.WipePolicyMetadata {
 			t.Errorf("claim wipePolicy defaulted to %q, want metadata", h.Spec.Claim.WipePolicy)
 		}
+		claimed := h.DeepCopy()
 		h.Spec.Claim.MachineRef = infrav1.MachineReference{Name: "m2", UID: "uid-2"}
 		expectRejected(t, env.Client.Update(ctx, h), "spec", "release the claim first")
+		h = claimed.DeepCopy()
+		h.Spec.Claim.MachineRef.Name = "m2"
+		expectRejected(t, env.Client.Update(ctx, h), "spec", "cannot pass to another machine or cluster")
+		h = claimed.DeepCopy()
+		h.Spec.Claim.ClusterName = "c2"
+		expectRejected(t, env.Client.Update(ctx, h), "spec", "cannot pass to another machine or cluster")
+		h = claimed.DeepCopy()
+		h.Spec.Claim.ClusterName = ""
+		expectRejected(t, env.Client.Update(ctx, h), "spec", "cannot pass to another machine or cluster")
+
+		// The same machine recreated by clusterctl move (same name and cluster, new UID)
+		// adopts its host.
+		h = claimed.DeepCopy()
+		h.Spec.Claim.MachineRef.UID = "uid-1-moved"
+		if err := env.Client.Update(ctx, h); err != nil {
+			t.Fatalf("adoption by the moved machine (new UID) rejected: %v", err)
+		}
 
 		// Releasing (removing the claim) and claiming afresh is allowed.
 		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(h), h); err != nil {
@@ -360,6 +378,12 @@ func TestCRDsCarryContractLabel(t *testing.T) {
 		found++
 		if got := crd.Labels[mgmtplane.ContractLabel]; got != "v1alpha1" {
 			t.Errorf("%s: label %s=%q, want v1alpha1", crd.Name, mgmtplane.ContractLabel, got)
+		}
+		// clusterctl move takes hosts (not part of any cluster's owner graph) because their
+		// CRD asks for it; every other kind moves as part of its cluster.
+		_, moveHierarchy := crd.Labels["clusterctl.cluster.x-k8s.io/move-hierarchy"]
+		if want := crd.Spec.Names.Kind == "AnvilHost"; moveHierarchy != want {
+			t.Errorf("%s: clusterctl move-hierarchy label present %v, want %v", crd.Name, moveHierarchy, want)
 		}
 	}
 	if found != 7 {

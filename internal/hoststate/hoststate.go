@@ -154,8 +154,26 @@ func (m *Machine) Step(ctx context.Context, in Input) Result {
 	}
 	s.setImageCondition()
 	s.setReady()
+	syncBlockMove(h)
 	h.Status.ObservedGeneration = h.Generation
 	return *res
+}
+
+// syncBlockMove keeps clusterctl's block-move annotation on a claimed host until it is
+// Provisioned, and on a released one until it is wiped: a move must not copy a host halfway
+// through either. A host in maintenance does nothing, so it blocks nothing. The annotation
+// changes only with the claim or the state, so it rides on writes that happen anyway.
+func syncBlockMove(h *infrav1.AnvilHost) {
+	busy := h.Spec.Claim != nil && h.Spec.Maintenance == nil &&
+		h.Status.State != infrav1.HostStateProvisioned && h.Status.State != infrav1.HostStateRetired
+	if !busy {
+		delete(h.Annotations, infrav1.BlockMoveAnnotation)
+		return
+	}
+	if h.Annotations == nil {
+		h.Annotations = map[string]string{}
+	}
+	h.Annotations[infrav1.BlockMoveAnnotation] = "true"
 }
 
 func (s *step) handle(state infrav1.HostState) stepResult {
@@ -235,6 +253,13 @@ func (s *step) available() stepResult {
 			return stepResult{next: infrav1.HostStateDeprovisioning, cont: true}
 		}
 		if c.Image != nil {
+			if installedFor(h, c) {
+				// The host's status was lost (clusterctl move, a restore from backup) but its
+				// metadata says it runs exactly this claim's install: it is not installed again.
+				conditions.Set(h, metav1.Condition{Type: ConditionProvisioned, Status: metav1.ConditionTrue, Reason: "Provisioned",
+					Message: "running " + c.Image.URL + " (installed before the host's status was lost)"})
+				return stepResult{next: infrav1.HostStateProvisioned, cont: true}
+			}
 			return stepResult{next: infrav1.HostStateProvisioning, cont: true}
 		}
 	}
@@ -259,6 +284,10 @@ func (s *step) provisioning() stepResult {
 	}
 	conditions.Set(h, metav1.Condition{Type: ConditionProvisioned, Status: metav1.ConditionTrue, Reason: "Provisioned",
 		Message: "running " + h.Spec.Claim.Image.URL})
+	if h.Annotations == nil {
+		h.Annotations = map[string]string{}
+	}
+	h.Annotations[infrav1.ProvisionedForAnnotation] = h.Spec.Claim.ProvisionedFor()
 	h.Status.Power = infrav1.PowerOn
 	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.powerSyncInterval()}
 }
@@ -302,6 +331,7 @@ func (s *step) deprovisioning() stepResult {
 	}
 	conditions.Delete(h, ConditionProvisioned)
 	h.Status.BootSlots = nil
+	delete(h.Annotations, infrav1.ProvisionedForAnnotation)
 	h.Spec.Claim = nil
 	s.res.ReleaseClaim = true
 	s.in.LastPowerSync = time.Time{} // the agent powered the server off: read it again now
@@ -347,8 +377,18 @@ func (s *step) retiring() stepResult {
 	}
 	s.clearError()
 	h.Status.Power = infrav1.PowerOff
+	delete(h.Annotations, infrav1.ProvisionedForAnnotation)
 	s.res.ReleaseClaim = h.Spec.Claim != nil
 	return stepResult{next: infrav1.HostStateRetired}
+}
+
+// installedFor reports whether the host runs the install claim asks for, as its
+// ProvisionedForAnnotation says. Only a host that lost its status meets a claim in Available
+// with the annotation set: any other host is Provisioned while its claim lasts, and the
+// annotation goes with the claim.
+func installedFor(h *infrav1.AnvilHost, c *infrav1.HostClaim) bool {
+	v, ok := h.Annotations[infrav1.ProvisionedForAnnotation]
+	return ok && v == c.ProvisionedFor()
 }
 
 // retired is terminal: the server stays off and is never handed out again.

@@ -232,3 +232,118 @@ func TestProvisionReleaseAndRetire(t *testing.T) {
 		t.Fatalf("retired host acted: state %s power %s", h.Status.State, fh.BMC.Power)
 	}
 }
+
+// TestHostWithLostStatusKeepsItsInstall covers what clusterctl move does to a host: the
+// object is created again from its metadata and spec (the claim now names the machine's new
+// UID) with no status. The host must go back to Provisioned without booting from the network,
+// and only for exactly the install its annotation records.
+func TestHostWithLostStatusKeepsItsInstall(t *testing.T) {
+	fh, m := fixture()
+	fh.step(m)
+	h := fh.Host
+	h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m", UID: "u"}, ClusterName: "c",
+		ProviderID: "anvil://ns/h", Image: &infrav1.Image{URL: "https://img/os.img", Checksum: "sha256:00"}}
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateProvisioned {
+		t.Fatalf("state %s", h.Status.State)
+	}
+	if got, want := h.Annotations[infrav1.ProvisionedForAnnotation], "c/m@anvil://ns/h@sha256:00"; got != want {
+		t.Fatalf("annotation %s=%q after the install, want %q", infrav1.ProvisionedForAnnotation, got, want)
+	}
+
+	moved := func(mutate func(*infrav1.HostClaim)) *infrav1.AnvilHost {
+		n := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Name: h.Name, Namespace: h.Namespace, Labels: h.Labels, Annotations: h.Annotations},
+			Spec: *h.Spec.DeepCopy()}
+		n = n.DeepCopy()
+		n.Spec.Claim.MachineRef.UID = "u-after-move"
+		mutate(n.Spec.Claim)
+		return n
+	}
+	cases := []struct {
+		name      string
+		mutate    func(*infrav1.HostClaim)
+		reinstall bool
+	}{
+		{"same machine, cluster, providerID and image", func(*infrav1.HostClaim) {}, false},
+		{"another machine of that name's cluster", func(c *infrav1.HostClaim) { c.MachineRef.Name = "m2" }, true},
+		{"another cluster", func(c *infrav1.HostClaim) { c.ClusterName = "c2" }, true},
+		{"another image", func(c *infrav1.HostClaim) { c.Image.Checksum = "sha256:01" }, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			fh.Host = moved(tc.mutate)
+			fh.BMC.Boot = "" // so that a network boot shows
+			fh.lastSync = time.Time{}
+			fh.step(m)
+			n := fh.Host
+			if tc.reinstall {
+				if fh.BMC.Boot != bmc.BootPXE {
+					t.Errorf("a claim for another install was not installed: boot %q, state %s", fh.BMC.Boot, n.Status.State)
+				}
+				return
+			}
+			if n.Status.State != infrav1.HostStateProvisioned || fh.BMC.Boot != "" || fh.BMC.Power != infrav1.PowerOn {
+				t.Fatalf("state %s, boot override %q, power %s: want Provisioned, untouched and running", n.Status.State, fh.BMC.Boot, fh.BMC.Power)
+			}
+			if !conditions.IsTrue(n, ConditionProvisioned) || !conditions.IsTrue(n, ConditionReady) {
+				t.Errorf("conditions %+v", n.Status.Conditions)
+			}
+		})
+	}
+
+	fh.Host = h
+	// Releasing wipes the host and forgets the install.
+	h.Spec.Claim.Released = true
+	fh.step(m)
+	if _, ok := h.Annotations[infrav1.ProvisionedForAnnotation]; ok || h.Status.State != infrav1.HostStateAvailable {
+		t.Errorf("after the release: state %s, annotations %v", h.Status.State, h.Annotations)
+	}
+}
+
+// TestBlockMoveFollowsTheClaim: a claimed host blocks clusterctl move until it is
+// Provisioned, a released one until it is wiped; maintenance blocks nothing.
+func TestBlockMoveFollowsTheClaim(t *testing.T) {
+	fh, m := fixture()
+	fh.step(m)
+	h := fh.Host
+	blocked := func() bool { _, ok := h.Annotations[infrav1.BlockMoveAnnotation]; return ok }
+	if blocked() {
+		t.Fatal("an unclaimed host blocks the move")
+	}
+	h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m", UID: "u"}, ProviderID: "anvil://ns/h",
+		Image: &infrav1.Image{URL: "https://img/os.img", Checksum: "sha256:00"}}
+	fh.BMC.SetFail(errors.New("BMC unreachable"))
+	fh.step(m)
+	if !blocked() || h.Status.State == infrav1.HostStateProvisioned {
+		t.Fatalf("claimed host that cannot install yet: state %s, blocked %v", h.Status.State, blocked())
+	}
+	h.Spec.Maintenance = &infrav1.Maintenance{Reason: "BMC replaced"}
+	fh.step(m)
+	if blocked() {
+		t.Error("a host in maintenance blocks the move")
+	}
+	h.Spec.Maintenance = nil
+	fh.BMC.SetFail(nil)
+	for i := 0; i < 10 && h.Status.State != infrav1.HostStateProvisioned; i++ {
+		time.Sleep(5 * time.Millisecond) // past the pool's back-off
+		fh.step(m)
+	}
+	if h.Status.State != infrav1.HostStateProvisioned || blocked() {
+		t.Fatalf("after the install: state %s, blocked %v", h.Status.State, blocked())
+	}
+	h.Spec.Claim.Released = true
+	fh.BMC.SetFail(errors.New("BMC unreachable"))
+	fh.lastSync = time.Time{}
+	fh.step(m)
+	if !blocked() {
+		t.Errorf("a released host that is not wiped yet does not block the move (state %s)", h.Status.State)
+	}
+	fh.BMC.SetFail(nil)
+	for i := 0; i < 10 && h.Spec.Claim != nil; i++ {
+		time.Sleep(5 * time.Millisecond)
+		fh.step(m)
+	}
+	if h.Spec.Claim != nil || blocked() {
+		t.Errorf("after the wipe: claim %+v, blocked %v", h.Spec.Claim, blocked())
+	}
+}

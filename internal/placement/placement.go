@@ -30,6 +30,9 @@ type Request struct {
 	// cluster come first (a MachineDeployment without failure domains then still survives
 	// the loss of one zone). It is a preference, never a reason to refuse a host.
 	SpreadCluster string
+	// Claimed, when set, reports hosts that are taken though their objects do not show it
+	// yet (the caller is claiming them, or its cache lags behind its own claim).
+	Claimed func(*infrav1.AnvilHost) bool
 }
 
 // Rejection reasons, worded to complete "N hosts …".
@@ -79,29 +82,26 @@ func (r Result) Explain() string {
 	return fmt.Sprintf("0 of %d hosts match: %s", r.Total, strings.Join(parts, ", "))
 }
 
-// Choose picks the best host for req among hosts (which it does not modify).
+// Choose picks the best host for req among hosts (which it does not modify): one pass, so
+// that a claim costs time linear in the fleet.
 func Choose(hosts []infrav1.AnvilHost, req Request) Result {
 	res := Result{Total: len(hosts), Rejected: map[string]int{}}
-	var fits []*infrav1.AnvilHost
+	load := clusterLoad(hosts, req)
+	var best *infrav1.AnvilHost
+	var bestKey [3]int64
+	bestLoad := 0
 	for i := range hosts {
 		h := &hosts[i]
 		if reason := reject(h, req); reason != "" {
 			res.Rejected[reason]++
 			continue
 		}
-		fits = append(fits, h)
-	}
-	if len(fits) == 0 {
-		return res
-	}
-	load := clusterLoad(hosts, req)
-	sort.Slice(fits, func(i, j int) bool {
-		if li, lj := load[fits[i].Labels[failureDomainLabel(req)]], load[fits[j].Labels[failureDomainLabel(req)]]; li != lj {
-			return li < lj
+		key, l := sizeKey(h), load[h.Labels[failureDomainLabel(req)]]
+		if best == nil || l < bestLoad || l == bestLoad && lessKey(key, h.Name, bestKey, best.Name) {
+			best, bestKey, bestLoad = h, key, l
 		}
-		return less(fits[i], fits[j])
-	})
-	res.Host = fits[0]
+	}
+	res.Host = best
 	return res
 }
 
@@ -134,7 +134,7 @@ func reject(h *infrav1.AnvilHost, req Request) string {
 		return reasonRetired
 	case h.Spec.Maintenance != nil:
 		return reasonMaintenance
-	case h.Spec.Claim != nil:
+	case h.Spec.Claim != nil, req.Claimed != nil && req.Claimed(h):
 		return reasonClaimed
 	case h.Status.State != infrav1.HostStateAvailable:
 		return reasonNotAvailable
@@ -176,15 +176,14 @@ func gpuCount(inv *infrav1.HardwareInventory, model string) int {
 	return n
 }
 
-// less orders hosts smallest first (cores, then memory, then GPUs), then by name.
-func less(a, b *infrav1.AnvilHost) bool {
-	ka, kb := sizeKey(a), sizeKey(b)
+// lessKey orders hosts smallest first (cores, then memory, then GPUs), then by name.
+func lessKey(ka [3]int64, a string, kb [3]int64, b string) bool {
 	for i := range ka {
 		if ka[i] != kb[i] {
 			return ka[i] < kb[i]
 		}
 	}
-	return a.Name < b.Name
+	return a < b
 }
 
 func sizeKey(h *infrav1.AnvilHost) [3]int64 {

@@ -131,3 +131,31 @@ func TestSpreadClusterOverFailureDomains(t *testing.T) {
 		t.Fatalf("chose %v, want c2", r.Host)
 	}
 }
+
+// TestHostsBeingClaimedCountAsClaimed: a host the caller is claiming right now (its object
+// does not show it yet) is passed over as claimed, and the next best is chosen.
+func TestHostsBeingClaimedCountAsClaimed(t *testing.T) {
+	hosts := []infrav1.AnvilHost{host("a", "z", 32, 128, 0), host("b", "z", 32, 128, 0)}
+	r := Choose(hosts, Request{Claimed: func(h *infrav1.AnvilHost) bool { return h.Name == "a" }})
+	if r.Host == nil || r.Host.Name != "b" {
+		t.Fatalf("chose %v, want b (a is being claimed)", r.Host)
+	}
+	r = Choose(hosts, Request{Claimed: func(*infrav1.AnvilHost) bool { return true }})
+	if r.Host != nil || r.Explain() != "0 of 2 hosts match: 2 are claimed by other machines" {
+		t.Fatalf("chose %v: %s", r.Host, r.Explain())
+	}
+}
+
+// BenchmarkChoose5000 is one claim's choice in a fleet of 5,000 hosts.
+func BenchmarkChoose5000(b *testing.B) {
+	hosts := make([]infrav1.AnvilHost, 5000)
+	for i := range hosts {
+		hosts[i] = host("h-"+strings.Repeat("x", i%7)+string(rune('a'+i%26)), []string{"a", "b", "c"}[i%3], int32(32+i%4*16), int64(128<<(i%3)), 0)
+	}
+	req := Request{FailureDomain: "b", Hardware: &infrav1.HardwareRequirements{MinCPUCores: 48}}
+	for b.Loop() {
+		if Choose(hosts, req).Host == nil {
+			b.Fatal("nothing chosen")
+		}
+	}
+}

@@ -1,5 +1,3 @@
-//go:build e2e
-
 package e2e
 
 import (
@@ -19,6 +17,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 )
 
 // anvilManager is one run of the Anvil manager (host, machine and cluster controllers with
@@ -29,11 +28,11 @@ type anvilManager struct {
 	stopped bool
 }
 
-// startAnvil starts a new Anvil manager against the shared API server. Nothing carries over
-// from a previous run but what the API server holds: a restart in miniature.
-func startAnvil(t *testing.T) *anvilManager {
+// startAnvil starts a new Anvil manager against api. Nothing carries over from a previous run
+// but what the API server holds: a restart in miniature.
+func startAnvil(t *testing.T, api *mgmtplane.Environment) *anvilManager {
 	t.Helper()
-	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme,
+	mgr, err := ctrl.NewManager(api.Config, ctrl.Options{Scheme: api.Scheme,
 		Metrics: metricsserver.Options{BindAddress: "0"},
 		Controller: config.Controller{
 			// Each run registers the same controllers again in this process.

@@ -1,5 +1,3 @@
-//go:build e2e
-
 package e2e
 
 import (
@@ -68,11 +66,13 @@ func capiScheme() *k8sruntime.Scheme {
 }
 
 // startCAPI starts Cluster API's controllers, and the workload Kubelet beside the core ones.
-func startCAPI(cfg *rest.Config) (*capiManagers, error) {
+// Every set started in this process needs its own instance name: client-go refuses two
+// informers of the same name.
+func startCAPI(cfg *rest.Config, instance string) (*capiManagers, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &capiManagers{cancel: cancel}
-	for _, setup := range []func(context.Context, *rest.Config) (manager.Manager, error){setupCore, setupBootstrap, setupControlPlane} {
-		mgr, err := setup(ctx, cfg)
+	for _, setup := range []func(context.Context, *rest.Config, string) (manager.Manager, error){setupCore, setupBootstrap, setupControlPlane} {
+		mgr, err := setup(ctx, cfg, instance)
 		if err != nil {
 			_ = c.stop(time.Minute)
 			return nil, err
@@ -129,8 +129,8 @@ func shortenClusterCacheRetry(cc clustercache.ClusterCache) {
 
 // setupCore mirrors core/main.go for the Cluster, Machine, MachineSet and MachineDeployment
 // controllers, and adds the workload Kubelet.
-func setupCore(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
-	const name = "capi-core"
+func setupCore(ctx context.Context, cfg *rest.Config, instance string) (manager.Manager, error) {
+	name := "capi-core" + instance
 	mgr, err := newCAPIManager(cfg, name, func(s *k8sruntime.Scheme) ctrl.Options {
 		return ctrl.Options{Cache: coresetup.ManagerCacheOptions(s, name, "", 10*time.Minute), Client: coresetup.ManagerClientOptions()}
 	})
@@ -171,8 +171,8 @@ func setupCore(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
 }
 
 // setupBootstrap mirrors bootstrap/kubeadm/main.go.
-func setupBootstrap(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
-	const name = "capi-kubeadm-bootstrap"
+func setupBootstrap(ctx context.Context, cfg *rest.Config, instance string) (manager.Manager, error) {
+	name := "capi-kubeadm-bootstrap" + instance
 	mgr, err := newCAPIManager(cfg, name, func(s *k8sruntime.Scheme) ctrl.Options {
 		return ctrl.Options{Cache: bootstrapsetup.ManagerCacheOptions(s, name, "", 10*time.Minute), Client: bootstrapsetup.ManagerClientOptions()}
 	})
@@ -194,8 +194,8 @@ func setupBootstrap(ctx context.Context, cfg *rest.Config) (manager.Manager, err
 }
 
 // setupControlPlane mirrors controlplane/kubeadm/main.go.
-func setupControlPlane(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
-	const name = "capi-kubeadm-control-plane"
+func setupControlPlane(ctx context.Context, cfg *rest.Config, instance string) (manager.Manager, error) {
+	name := "capi-kubeadm-control-plane" + instance
 	mgr, err := newCAPIManager(cfg, name, func(s *k8sruntime.Scheme) ctrl.Options {
 		return ctrl.Options{Cache: controlplanesetup.ManagerCacheOptions(s, name, "", 10*time.Minute), Client: controlplanesetup.ManagerClientOptions()}
 	})

@@ -1,5 +1,3 @@
-//go:build e2e
-
 package e2e
 
 import (
@@ -113,7 +111,7 @@ func (f *fixture) createCluster(name string, controlPlanes, workers int32) *test
 func (c *testCluster) machines() []clusterv1.Machine {
 	c.f.t.Helper()
 	ms := &clusterv1.MachineList{}
-	if err := env.Client.List(c.f.ctx, ms, client.InNamespace(c.f.ns), client.MatchingLabels{clusterv1.ClusterNameLabel: c.name}); err != nil {
+	if err := c.f.api.Client.List(c.f.ctx, ms, client.InNamespace(c.f.ns), client.MatchingLabels{clusterv1.ClusterNameLabel: c.name}); err != nil {
 		c.f.t.Fatal(err)
 	}
 	sort.Slice(ms.Items, func(i, j int) bool {
@@ -172,25 +170,25 @@ func (c *testCluster) waitReady(controlPlanes, workers int32, timeout time.Durat
 func describeCAPI(f *fixture) string {
 	var b strings.Builder
 	clusters := &clusterv1.ClusterList{}
-	_ = env.Client.List(f.ctx, clusters, client.InNamespace(f.ns))
+	_ = f.api.Client.List(f.ctx, clusters, client.InNamespace(f.ns))
 	for _, c := range clusters.Items {
 		fmt.Fprintf(&b, "cluster %s: phase %s paused=%v deleting=%v %s\n", c.Name, c.Status.Phase, ptr.Deref(c.Spec.Paused, false),
 			!c.DeletionTimestamp.IsZero(), conditionSummary(c.Status.Conditions))
 	}
 	kcps := &controlplanev1.KubeadmControlPlaneList{}
-	_ = env.Client.List(f.ctx, kcps, client.InNamespace(f.ns))
+	_ = f.api.Client.List(f.ctx, kcps, client.InNamespace(f.ns))
 	for _, k := range kcps.Items {
 		fmt.Fprintf(&b, "kubeadmcontrolplane %s: replicas %d ready %d available %d %s\n", k.Name, ptr.Deref(k.Status.Replicas, 0),
 			ptr.Deref(k.Status.ReadyReplicas, 0), ptr.Deref(k.Status.AvailableReplicas, 0), conditionSummary(k.Status.Conditions))
 	}
 	mds := &clusterv1.MachineDeploymentList{}
-	_ = env.Client.List(f.ctx, mds, client.InNamespace(f.ns))
+	_ = f.api.Client.List(f.ctx, mds, client.InNamespace(f.ns))
 	for _, md := range mds.Items {
 		fmt.Fprintf(&b, "machinedeployment %s: replicas %d available %d %s\n", md.Name, ptr.Deref(md.Status.Replicas, 0),
 			ptr.Deref(md.Status.AvailableReplicas, 0), conditionSummary(md.Status.Conditions))
 	}
 	machines := &clusterv1.MachineList{}
-	_ = env.Client.List(f.ctx, machines, client.InNamespace(f.ns))
+	_ = f.api.Client.List(f.ctx, machines, client.InNamespace(f.ns))
 	for _, m := range machines.Items {
 		fmt.Fprintf(&b, "machine %s: phase %s fd=%q providerID=%q node=%q deleting=%v %s\n", m.Name, m.Status.Phase, m.Spec.FailureDomain,
 			m.Spec.ProviderID, m.Status.NodeRef.Name, !m.DeletionTimestamp.IsZero(), conditionSummary(m.Status.Conditions))

@@ -1,11 +1,7 @@
-//go:build e2e
-
 package e2e
 
 import (
 	"fmt"
-	"maps"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -13,11 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
-	bootstrapv1 "sigs.k8s.io/cluster-api/api/bootstrap/kubeadm/v1beta2"
-	controlplanev1 "sigs.k8s.io/cluster-api/api/controlplane/kubeadm/v1beta2"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	"sigs.k8s.io/cluster-api/util/conditions"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -76,6 +68,44 @@ func TestClusterLifecycle(t *testing.T) {
 				}
 			}
 		}},
+		{"more workers than hosts: the last host goes to one machine, the other waits and says why", func(t *testing.T) {
+			f.t = t
+			spare := len(f.hosts) - len(f.claimedHosts())
+			md := &clusterv1.MachineDeployment{}
+			md.Namespace, md.Name = f.ns, c.mdName()
+			f.update(md, func() { md.Spec.Replicas = ptr.To(*md.Spec.Replicas + int32(spare) + 1) })
+			var waiting []string
+			f.eventually(fmt.Sprintf("%d new machines race for %d free hosts: all but one provisioned", spare+1, spare), 2*time.Minute, func() (bool, string) {
+				waiting = nil
+				provisioned := 0
+				for _, am := range f.listAnvilMachines() {
+					if ptr.Deref(am.Status.Initialization.Provisioned, false) {
+						provisioned++
+						continue
+					}
+					c := conditions.Get(&am, controllers.ConditionHostClaimed)
+					if c == nil || c.Reason != "NoMatchingHost" {
+						return false, fmt.Sprintf("AnvilMachine %s: %s", am.Name, conditionSummary(am.Status.Conditions))
+					}
+					waiting = append(waiting, am.Name+": "+c.Message)
+				}
+				return provisioned == len(f.hosts) && len(waiting) == 1, fmt.Sprintf("%d provisioned, waiting: %v", provisioned, waiting)
+			})
+			want := fmt.Sprintf("0 of %d hosts match: %d are claimed by other machines", len(f.hosts), len(f.hosts))
+			if !strings.HasSuffix(waiting[0], want) {
+				t.Errorf("the waiting machine says %q, want %q", waiting[0], want)
+			}
+			// Cluster API shows the reason on the Machine too.
+			name := strings.SplitN(waiting[0], ":", 2)[0]
+			m := &clusterv1.Machine{}
+			if err := f.get(name, m); err != nil {
+				t.Fatal(err)
+			}
+			if c := conditions.Get(m, clusterv1.MachineInfrastructureReadyCondition); c == nil || !strings.Contains(c.Message, want) {
+				t.Errorf("Machine %s's InfrastructureReady condition %+v does not say why it waits", name, c)
+			}
+			f.checkNoDoubleClaims()
+		}},
 		{"deleting the cluster wipes every host", func(t *testing.T) {
 			f.t = t
 			claimed := f.claimedHosts()
@@ -83,7 +113,7 @@ func TestClusterLifecycle(t *testing.T) {
 			if err := f.get(c.name, cluster); err != nil {
 				t.Fatal(err)
 			}
-			if err := env.Client.Delete(f.ctx, cluster); err != nil {
+			if err := f.api.Client.Delete(f.ctx, cluster); err != nil {
 				t.Fatal(err)
 			}
 			f.eventually("the Cluster and all its machines are gone", 3*time.Minute, func() (bool, string) {
@@ -108,137 +138,6 @@ func TestClusterLifecycle(t *testing.T) {
 			t.Logf("host history:\n%s", f.history.render())
 			return
 		}
-	}
-}
-
-// TestClusterctlMove does to one management cluster what clusterctl move does to the source
-// and then to the target (here the same API server and namespace).
-//
-// Source: pause the Cluster, wait until nothing blocks the move, then annotate, delete and
-// strip the finalizers of every object of the cluster, leaves first. The hosts must stay
-// exactly as they were: Provisioned, claimed, running their Nodes.
-//
-// Target: the hosts move too (a target without them could not manage the machines), so they
-// are deleted for the move like the rest; then everything is created again as clusterctl
-// creates it in the target: same names, labels and specs, new UIDs, owner references rebuilt,
-// no status. After the unpause each machine must take back the host it ran on, and no host
-// may be claimed by another machine or installed again.
-func TestClusterctlMove(t *testing.T) {
-	f := newFixture(t, 1)
-	defer func() { f.t = t }() // the halves run as subtests with their own t
-	c := f.createCluster("moving", 1, 1)
-	c.waitReady(1, 1, 3*time.Minute)
-	placed := f.checkPlacement(c)
-	var objects []client.Object
-
-	source := func(t *testing.T) {
-		f.t = t
-		hostsBefore := hostStates(f.listHosts())
-		cluster := &clusterv1.Cluster{}
-		cluster.Namespace, cluster.Name = f.ns, c.name
-		f.update(cluster, func() { cluster.Spec.Paused = ptr.To(true) })
-		f.eventually("the Anvil machines and cluster acknowledge the pause and nothing blocks the move", 30*time.Second, func() (bool, string) {
-			ac := &infrav1.AnvilCluster{}
-			if err := f.get(c.name, ac); err != nil || !conditions.IsTrue(ac, clusterv1.PausedCondition) {
-				return false, "AnvilCluster not paused"
-			}
-			for _, am := range f.listAnvilMachines() {
-				if !conditions.IsTrue(&am, clusterv1.PausedCondition) {
-					return false, "AnvilMachine " + am.Name + " not paused"
-				}
-				if _, blocked := am.Annotations[controllers.BlockMoveAnnotation]; blocked {
-					return false, "AnvilMachine " + am.Name + " blocks the move"
-				}
-			}
-			return true, ""
-		})
-		historyBefore := f.history.render()
-		objects = f.movedObjects(c.name)
-
-		f.deleteForMove(objects)
-		f.eventually("the cluster's objects are gone from the source", 30*time.Second, func() (bool, string) {
-			left := f.movedObjects(c.name)
-			if len(left) > 0 {
-				return false, fmt.Sprintf("%d objects left, e.g. %T %s", len(left), left[0], left[0].GetName())
-			}
-			return true, ""
-		})
-		// Nothing must happen now; watch for a while (the history sees transient changes too).
-		deadline := time.Now().Add(5 * time.Second)
-		for time.Now().Before(deadline) {
-			if got := hostStates(f.listHosts()); !reflect.DeepEqual(got, hostsBefore) {
-				t.Fatalf("hosts changed after the move's deletion:\nbefore %v\nafter  %v\n%s", hostsBefore, got, f.describe())
-			}
-			time.Sleep(250 * time.Millisecond)
-		}
-		if after := f.history.render(); after != historyBefore {
-			t.Errorf("host history changed during the move:\nbefore:\n%s\nafter:\n%s", historyBefore, after)
-		}
-		if nodes, err := workloads.Nodes(f.ctx, c.key()); err != nil || len(nodes) != 2 {
-			t.Errorf("the workload cluster should keep running both nodes; nodes %v (%v)", nodeNames(nodes), err)
-		}
-	}
-
-	target := func(t *testing.T) {
-		f.t = t
-		moveStart := time.Now()
-		var hosts []client.Object
-		for _, h := range f.listHosts() {
-			hosts = append(hosts, h.DeepCopy())
-		}
-		f.deleteForMove(hosts)
-		f.eventually("the hosts are gone from the source", 30*time.Second, func() (bool, string) {
-			left := f.listHosts()
-			return len(left) == 0, fmt.Sprintf("%d hosts left", len(left))
-		})
-		// Hosts first (nothing owns them), then the cluster from its root.
-		f.createForMove(append(objects, hosts...))
-		cluster := &clusterv1.Cluster{}
-		cluster.Namespace, cluster.Name = f.ns, c.name
-		f.update(cluster, func() { cluster.Spec.Paused = nil })
-
-		hostOf := map[string]string{}
-		for _, p := range placed {
-			hostOf[p.host] = p.machine
-		}
-		// A host claimed by the wrong machine or installed again is a failure at once; give
-		// the others a few seconds to show too.
-		problems := map[string]bool{}
-		var firstProblem time.Time
-		f.eventually("the moved machines hold their hosts again", time.Minute, func() (bool, string) {
-			for _, h := range f.listHosts() {
-				if hostOf[h.Name] == "" && h.Spec.Claim != nil {
-					problems[fmt.Sprintf("machine %s claimed spare host %s instead of taking back its own", h.Spec.Claim.MachineRef.Name, h.Name)] = true
-				}
-				if n := f.serverEventsSince(h.Name, "PXEBoot", moveStart); n > 0 {
-					problems[fmt.Sprintf("host %s was installed (booted from the network) after the move began", h.Name)] = true
-				}
-			}
-			if len(problems) > 0 && firstProblem.IsZero() {
-				firstProblem = time.Now()
-			}
-			if len(problems) > 0 && time.Since(firstProblem) > 3*time.Second {
-				list := slices.Sorted(maps.Keys(problems))
-				t.Fatalf("after the move:\n  %s\n%s\nhost history:\n%s", strings.Join(list, "\n  "), f.describe(), f.history.render())
-			}
-			for _, am := range f.listAnvilMachines() {
-				if am.Status.HostRef == nil || !ptr.Deref(am.Status.Initialization.Provisioned, false) {
-					return false, fmt.Sprintf("AnvilMachine %s: hostRef %+v, %s", am.Name, am.Status.HostRef, conditionSummary(am.Status.Conditions))
-				}
-			}
-			return len(problems) == 0, ""
-		})
-		c.waitReady(1, 1, time.Minute)
-		after := f.checkPlacement(c)
-		for m, p := range placed {
-			if after[m].host != p.host {
-				t.Errorf("machine %s ran on host %s before the move and on %q after", m, p.host, after[m].host)
-			}
-		}
-	}
-
-	if t.Run("source: pause and delete leave the hosts alone", source) {
-		t.Run("target: the machines take back their hosts without reinstalling them", target)
 	}
 }
 
@@ -312,7 +211,7 @@ func (f *fixture) restartAtTransitions(what string, timeout time.Duration, done 
 			}
 		}
 		f.anvil.stop(f.t)
-		f.anvil = startAnvil(f.t)
+		f.anvil = startAnvil(f.t, f.api)
 		restarts++
 	}
 	f.t.Logf("%s: %s", what, time.Since(start).Round(100*time.Millisecond))
@@ -429,7 +328,9 @@ func (f *fixture) checkNoDoubleClaims() {
 		holder[string(c.MachineRef.UID)] = h.Name
 	}
 	for name, am := range machines {
-		if holder[string(am.UID)] == "" {
+		// A machine may wait for a host, but only one that says so and has none recorded.
+		waiting := am.Status.HostRef == nil && conditions.GetReason(&am, controllers.ConditionHostClaimed) == "NoMatchingHost"
+		if holder[string(am.UID)] == "" && !waiting {
 			problems = append(problems, fmt.Sprintf("AnvilMachine %s holds no host", name))
 		}
 	}
@@ -517,7 +418,7 @@ func (f *fixture) waitWiped(hosts []string, timeout time.Duration) {
 // hasEvent reports whether an Event with this reason was recorded for the host.
 func (f *fixture) hasEvent(host, reason string) bool {
 	evs := &eventsv1.EventList{}
-	if err := env.Client.List(f.ctx, evs, client.InNamespace(f.ns)); err != nil {
+	if err := f.api.Client.List(f.ctx, evs, client.InNamespace(f.ns)); err != nil {
 		return false
 	}
 	for _, e := range evs.Items {
@@ -539,91 +440,6 @@ func hostStates(hosts []infrav1.AnvilHost) map[string]string {
 		out[h.Name] = fmt.Sprintf("%s claim=%s claimed-by=%s maintenance=%v", h.Status.State, claim, h.Labels[controllers.ClaimedByLabel], h.Spec.Maintenance != nil)
 	}
 	return out
-}
-
-// movedObjects lists a cluster's objects in the order clusterctl move deletes them from the
-// source: leaves first, the Cluster last. Hosts are not part of a cluster's object graph, and
-// of the Secrets only the cluster's own (CAs, kubeconfig, bootstrap data) are.
-func (f *fixture) movedObjects(clusterName string) []client.Object {
-	f.t.Helper()
-	lists := []client.ObjectList{&corev1.SecretList{}, &infrav1.AnvilMachineList{}, &bootstrapv1.KubeadmConfigList{},
-		&clusterv1.MachineList{}, &clusterv1.MachineSetList{}, &clusterv1.MachineDeploymentList{}, &controlplanev1.KubeadmControlPlaneList{},
-		&bootstrapv1.KubeadmConfigTemplateList{}, &infrav1.AnvilMachineTemplateList{}, &infrav1.AnvilClusterList{}, &clusterv1.ClusterList{}}
-	var out []client.Object
-	for _, list := range lists {
-		opts := []client.ListOption{client.InNamespace(f.ns)}
-		if _, ok := list.(*corev1.SecretList); ok {
-			opts = append(opts, client.MatchingLabels{clusterv1.ClusterNameLabel: clusterName})
-		}
-		if err := env.Client.List(f.ctx, list, opts...); err != nil {
-			f.t.Fatal(err)
-		}
-		items, err := metaItems(list)
-		if err != nil {
-			f.t.Fatal(err)
-		}
-		out = append(out, items...)
-	}
-	return out
-}
-
-// deleteForMove deletes objects (as movedObjects lists them, leaves first) the way
-// clusterctl move does once they exist in the target: each annotated delete-for-move,
-// deleted, then its finalizers removed.
-func (f *fixture) deleteForMove(objects []client.Object) {
-	f.t.Helper()
-	const deleteForMove = "clusterctl.cluster.x-k8s.io/delete-for-move"
-	for _, o := range objects {
-		o = o.DeepCopyObject().(client.Object)
-		patch := client.MergeFrom(o.DeepCopyObject().(client.Object))
-		a := o.GetAnnotations()
-		if a == nil {
-			a = map[string]string{}
-		}
-		a[deleteForMove] = ""
-		o.SetAnnotations(a)
-		if err := env.Client.Patch(f.ctx, o, patch); err != nil && !isNotFound(err) {
-			f.t.Fatalf("annotating %T %s: %v", o, o.GetName(), err)
-		}
-		if err := env.Client.Delete(f.ctx, o); err != nil && !isNotFound(err) {
-			f.t.Fatalf("deleting %T %s: %v", o, o.GetName(), err)
-		}
-		if len(o.GetFinalizers()) > 0 {
-			patch := client.MergeFrom(o.DeepCopyObject().(client.Object))
-			o.SetFinalizers(nil)
-			if err := env.Client.Patch(f.ctx, o, patch); err != nil && !isNotFound(err) {
-				f.t.Fatalf("removing finalizers of %T %s: %v", o, o.GetName(), err)
-			}
-		}
-	}
-}
-
-// createForMove creates objects (as movedObjects listed them, leaves first) again the way
-// clusterctl move creates them in the target: owners first, without UID, resourceVersion or
-// status, owner references pointing at the owners' new UIDs.
-func (f *fixture) createForMove(objects []client.Object) {
-	f.t.Helper()
-	newUID := map[string]string{} // old UID → new UID
-	for i := len(objects) - 1; i >= 0; i-- {
-		o := objects[i].DeepCopyObject().(client.Object)
-		oldUID := string(o.GetUID())
-		o.SetUID("")
-		o.SetResourceVersion("")
-		o.SetCreationTimestamp(metav1.Time{})
-		o.SetManagedFields(nil)
-		o.SetGeneration(0)
-		refs := o.GetOwnerReferences()
-		for j := range refs {
-			if uid, ok := newUID[string(refs[j].UID)]; ok {
-				refs[j].UID = types.UID(uid)
-			}
-		}
-		o.SetOwnerReferences(refs)
-		if err := env.Client.Create(f.ctx, o); err != nil {
-			f.t.Fatalf("creating %T %s in the target: %v", o, o.GetName(), err)
-		}
-		newUID[oldUID] = string(o.GetUID())
-	}
 }
 
 func nodeNames(nodes []corev1.Node) []string {

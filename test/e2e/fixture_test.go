@@ -1,5 +1,3 @@
-//go:build e2e
-
 package e2e
 
 import (
@@ -20,6 +18,7 @@ import (
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/machine"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
 )
@@ -30,8 +29,10 @@ var zones = []string{"zone-a", "zone-b", "zone-c"}
 // fixture is one test's namespace: emulated Redfish BMCs, an AnvilHost for each, an Anvil
 // manager, and a record of every change the API server saw on the hosts.
 type fixture struct {
-	t        *testing.T
-	ctx      context.Context
+	t   *testing.T
+	ctx context.Context
+	// api is the management cluster the test works on: env, or a move's target.
+	api      *mgmtplane.Environment
 	ns       string
 	bmcs     *redfish.Server
 	anvil    *anvilManager
@@ -66,8 +67,8 @@ func newFixture(t *testing.T, perZone int) *fixture {
 	if err := env.Client.Create(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{t: t, ctx: ctx, ns: ns.Name, bmcs: bmcs, serverEvents: map[string][]serverEvent{}}
-	f.history = watchHosts(ctx, t, f.ns)
+	f := &fixture{t: t, ctx: ctx, api: env, ns: ns.Name, bmcs: bmcs, serverEvents: map[string][]serverEvent{}}
+	f.history = watchHosts(ctx, t, f.api, f.ns)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("last controller log lines (all in %s):\n%s", logPath, logTail(30))
@@ -132,7 +133,7 @@ func newFixture(t *testing.T, perZone int) *fixture {
 			})
 		}
 	}
-	f.anvil = startAnvil(t)
+	f.anvil = startAnvil(t, f.api)
 	f.eventually("every host becomes Available", 2*time.Minute, func() (bool, string) {
 		hosts := f.listHosts()
 		for _, h := range hosts {
@@ -147,24 +148,24 @@ func newFixture(t *testing.T, perZone int) *fixture {
 
 func (f *fixture) create(o client.Object) {
 	f.t.Helper()
-	if err := env.Client.Create(f.ctx, o); err != nil {
+	if err := f.api.Client.Create(f.ctx, o); err != nil {
 		f.t.Fatalf("creating %T %s: %v", o, o.GetName(), err)
 	}
 }
 
 func (f *fixture) get(name string, o client.Object) error {
-	return env.Client.Get(f.ctx, client.ObjectKey{Namespace: f.ns, Name: name}, o)
+	return f.api.Client.Get(f.ctx, client.ObjectKey{Namespace: f.ns, Name: name}, o)
 }
 
 // update re-reads, mutates and writes o until the write does not conflict.
 func (f *fixture) update(o client.Object, mutate func()) {
 	f.t.Helper()
 	for range 20 {
-		if err := env.Client.Get(f.ctx, client.ObjectKeyFromObject(o), o); err != nil {
+		if err := f.api.Client.Get(f.ctx, client.ObjectKeyFromObject(o), o); err != nil {
 			f.t.Fatalf("reading %T %s: %v", o, o.GetName(), err)
 		}
 		mutate()
-		err := env.Client.Update(f.ctx, o)
+		err := f.api.Client.Update(f.ctx, o)
 		if err == nil {
 			return
 		}
@@ -178,7 +179,7 @@ func (f *fixture) update(o client.Object, mutate func()) {
 func (f *fixture) listHosts() []infrav1.AnvilHost {
 	f.t.Helper()
 	hosts := &infrav1.AnvilHostList{}
-	if err := env.Client.List(f.ctx, hosts, client.InNamespace(f.ns)); err != nil {
+	if err := f.api.Client.List(f.ctx, hosts, client.InNamespace(f.ns)); err != nil {
 		f.t.Fatal(err)
 	}
 	return hosts.Items
@@ -187,7 +188,7 @@ func (f *fixture) listHosts() []infrav1.AnvilHost {
 func (f *fixture) listAnvilMachines() []infrav1.AnvilMachine {
 	f.t.Helper()
 	ams := &infrav1.AnvilMachineList{}
-	if err := env.Client.List(f.ctx, ams, client.InNamespace(f.ns)); err != nil {
+	if err := f.api.Client.List(f.ctx, ams, client.InNamespace(f.ns)); err != nil {
 		f.t.Fatal(err)
 	}
 	return ams.Items
@@ -274,20 +275,20 @@ func conditionSummary(conds []metav1.Condition) string {
 // runs: Cluster API's controllers keep running, so their objects go first.
 func (f *fixture) purge() {
 	for _, list := range purgeOrder() {
-		if err := env.Client.List(context.Background(), list, client.InNamespace(f.ns)); err != nil {
+		if err := f.api.Client.List(context.Background(), list, client.InNamespace(f.ns)); err != nil {
 			continue
 		}
 		items, _ := metaItems(list)
 		for _, o := range items {
-			_ = env.Client.Delete(context.Background(), o)
+			_ = f.api.Client.Delete(context.Background(), o)
 			if len(o.GetFinalizers()) > 0 {
 				patch := client.MergeFrom(o.DeepCopyObject().(client.Object))
 				o.SetFinalizers(nil)
-				_ = env.Client.Patch(context.Background(), o, patch)
+				_ = f.api.Client.Patch(context.Background(), o, patch)
 			}
 		}
 	}
-	_ = env.Client.Delete(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: f.ns}})
+	_ = f.api.Client.Delete(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: f.ns}})
 }
 
 // serverEventsSince counts the host's server events of a kind ("PowerOff", "PXEBoot") after t.
@@ -337,9 +338,9 @@ type hostHistory struct {
 	done    chan struct{}
 }
 
-func watchHosts(ctx context.Context, t *testing.T, ns string) *hostHistory {
+func watchHosts(ctx context.Context, t *testing.T, api *mgmtplane.Environment, ns string) *hostHistory {
 	t.Helper()
-	wc, err := client.NewWithWatch(env.Config, client.Options{Scheme: env.Scheme})
+	wc, err := client.NewWithWatch(api.Config, client.Options{Scheme: api.Scheme})
 	if err != nil {
 		t.Fatal(err)
 	}

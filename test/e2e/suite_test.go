@@ -1,5 +1,3 @@
-//go:build e2e
-
 // Package e2e runs Anvil under Cluster API's own controllers: a real kube-apiserver and etcd
 // (envtest) with CAPI's core, kubeadm bootstrap and kubeadm control-plane reconcilers running
 // in this process, exactly as their binaries set them up; Anvil's host, machine and cluster
@@ -9,7 +7,12 @@
 // every host that Anvil provisions.
 //
 // Cluster API's controllers and the workload server live for the whole package; each test
-// runs its own Anvil manager, BMCs and namespace, and removes them when it ends.
+// runs its own Anvil manager, BMCs and namespace, and removes them when it ends. The move test
+// adds a second management cluster (API server, Cluster API's controllers, Anvil) as the
+// target of clusterctl's own move code.
+//
+// The suite is part of `make test` (about 3.5 minutes on two cores); `make test-e2e` runs it
+// alone.
 package e2e
 
 import (
@@ -74,7 +77,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	capi, err := startCAPI(env.Config)
+	capi, err := startCAPI(env.Config, "")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starting Cluster API's controllers:", err)
 		return 1

@@ -1,0 +1,72 @@
+package controllers
+
+import (
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+)
+
+func TestClaimLedger(t *testing.T) {
+	var l claimLedger
+	h1 := types.NamespacedName{Namespace: "ns", Name: "h1"}
+	if !l.reserve(h1, "m1") {
+		t.Fatal("first reservation refused")
+	}
+	if l.reserve(h1, "m2") {
+		t.Error("a host being claimed by m1 was reserved for m2 too")
+	}
+	if !l.reserve(h1, "m1") {
+		t.Error("the same machine retrying its claim was refused")
+	}
+	if _, ok := l.snapshot()[h1]; !ok {
+		t.Error("the snapshot misses a host being claimed")
+	}
+
+	// A failed claim frees the host at once.
+	l.release(h1)
+	if !l.reserve(h1, "m2") {
+		t.Error("a released host could not be reserved")
+	}
+
+	// Once the cache shows the claim, the ledger lets go (the host is claimed in its object).
+	cached := []infrav1.AnvilHost{{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "h1"},
+		Spec: infrav1.AnvilHostSpec{Claim: &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m2", UID: "m2"}}}}}
+	l.settled(cached, l.snapshot())
+	if len(l.snapshot()) != 0 {
+		t.Errorf("ledger still holds %v after the cache showed the claim", l.snapshot())
+	}
+
+	// Entries expire: a claim the cache never shows (the write was lost) blocks nobody forever.
+	l.reserve(h1, "m3")
+	l.mu.Lock()
+	e := l.hosts[h1]
+	e.at = time.Now().Add(-claimTTL)
+	l.hosts[h1] = e
+	l.mu.Unlock()
+	if _, ok := l.snapshot()[h1]; ok || !l.reserve(h1, "m4") {
+		t.Error("an expired reservation still holds the host")
+	}
+}
+
+func TestMachineWritesWaitForTheCache(t *testing.T) {
+	var w machineWrites
+	k := types.NamespacedName{Namespace: "ns", Name: "m"}
+	if w.cacheBehind(k, "5") {
+		t.Error("no write remembered, yet held back")
+	}
+	w.remember(k, "10")
+	if !w.cacheBehind(k, "9") {
+		t.Error("a cache older than the last write was not held back")
+	}
+	if w.cacheBehind(k, "10") || w.cacheBehind(k, "9") {
+		t.Error("once the cache caught up, the entry should be gone")
+	}
+	w.remember(k, "not-a-number")
+	if w.cacheBehind(k, "3") {
+		t.Error("versions that do not compare must never hold a reconcile back")
+	}
+}
