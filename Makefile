@@ -15,6 +15,9 @@ ENVTEST_DIR := $(BIN)/envtest/$(KUBE_VERSION)
 GOLANGCI_LINT := $(BIN)/golangci-lint
 CONTROLLER_GEN := go tool controller-gen
 GO_TEST_FLAGS ?= -count=1 -timeout=25m
+# envtest's default of 20 s for kube-apiserver to start is too short when several suites start
+# at once on two loaded cores.
+ENVTEST_START_TIMEOUT ?= 120s
 
 IMAGE ?= ghcr.io/anvil-metal/cluster-api-provider-anvil
 TAG ?= dev
@@ -36,7 +39,7 @@ demo: envtest test-deps ## The lab: management plane, Cluster API, Anvil and 6 e
 
 .PHONY: test
 test: envtest test-deps ## Run every test (unit and envtest suites), building what they need.
-	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test $(GO_TEST_FLAGS) ./...
+	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) KUBEBUILDER_CONTROLPLANE_START_TIMEOUT=$(ENVTEST_START_TIMEOUT) go test $(GO_TEST_FLAGS) ./...
 
 .PHONY: test-e2e
 test-e2e: envtest test-deps ## Only the Cluster API end-to-end suite (KCP, MachineDeployment, races, restarts, clusterctl move; part of make test, ~3.5 min).

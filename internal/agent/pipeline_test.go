@@ -215,6 +215,7 @@ func TestCopyImageProgress(t *testing.T) {
 		running atomic.Bool
 		last    int64
 		slow    = make(chan struct{})
+		started = make(chan struct{}) // the first report is under way
 		unstick sync.Once
 	)
 	progress := func(n int64) {
@@ -227,6 +228,7 @@ func TestCopyImageProgress(t *testing.T) {
 		}
 		last = n
 		if calls.Add(1) == 1 {
+			close(started)
 			<-slow // the first report hangs until the copy is nearly over
 		}
 	}
@@ -237,6 +239,15 @@ func TestCopyImageProgress(t *testing.T) {
 		src := readerFunc(func(p []byte) (int, error) {
 			if read >= len(data) {
 				return 0, io.EOF
+			}
+			if read >= 4<<20 {
+				// Hold the data back until the first report started, so that it is an early
+				// one however the goroutines are scheduled (on a loaded machine the copy
+				// could otherwise finish before any report).
+				select {
+				case <-started:
+				case <-time.After(20 * time.Second):
+				}
 			}
 			n := copy(p, data[read:])
 			read += n

@@ -93,8 +93,11 @@ type attempt struct {
 	next         int // index of the task the agent is working on
 	progress     string
 	lastResult   *agentapi.Result
-	// installedSlot is the slot the install task wrote ("" for whole-disk images).
+	// installedSlot is the slot the install task wrote ("" for whole-disk images), and
+	// installedAt when it said so: before the reboot, so before any boot report of the new
+	// slot (the host controller may record the install only after that report arrived).
 	installedSlot infrav1.Slot
+	installedAt   time.Time
 	err           error
 }
 
@@ -262,7 +265,11 @@ func (b *Backend) applyLocked(h *infrav1.AnvilHost, a *attempt) {
 	if a.purpose != purposeInstall || h.Spec.Claim == nil || h.Spec.Claim.Image == nil {
 		return
 	}
-	now := metav1.NewTime(b.opts.Now().UTC().Truncate(time.Second))
+	installed := a.installedAt
+	if installed.IsZero() {
+		installed = b.opts.Now()
+	}
+	now := metav1.NewTime(installed.UTC().Truncate(time.Second))
 	content := &infrav1.SlotContent{ImageURL: h.Spec.Claim.Image.URL, Checksum: h.Spec.Claim.Image.Checksum, InstalledAt: &now}
 	slot := infrav1.SlotA
 	if a.installedSlot != "" {
@@ -433,6 +440,7 @@ func (b *Backend) Result(_ context.Context, ag agentapi.Agent, r agentapi.Result
 		a.lastResult = &res
 		if r.OK && r.Kind == agentapi.TaskInstall {
 			a.installedSlot = r.Slot // the reboot's result replaces lastResult before the host controller looks
+			a.installedAt = b.opts.Now()
 		}
 		if !r.OK {
 			a.err = fmt.Errorf("agent %s task failed: %s", r.Kind, strings.TrimSpace(r.Error))
