@@ -60,7 +60,7 @@ func TestClusterLifecycle(t *testing.T) {
 			if len(released) != 1 {
 				t.Fatalf("hosts released by the scale-down: %v, want exactly one\n%s", released, f.describe())
 			}
-			f.waitWiped(released, time.Minute)
+			f.waitWiped(released, time.Minute, true)
 			// The machines that stayed kept their hosts.
 			for _, p := range after {
 				if b, ok := before[p.machine]; !ok || b.host != p.host {
@@ -96,14 +96,17 @@ func TestClusterLifecycle(t *testing.T) {
 				t.Errorf("the waiting machine says %q, want %q", waiting[0], want)
 			}
 			// Cluster API shows the reason on the Machine too.
+			// (The Machine controller mirrors the AnvilMachine's Ready condition on its next
+			// reconcile, which can lag on a loaded machine.)
 			name := strings.SplitN(waiting[0], ":", 2)[0]
-			m := &clusterv1.Machine{}
-			if err := f.get(name, m); err != nil {
-				t.Fatal(err)
-			}
-			if c := conditions.Get(m, clusterv1.MachineInfrastructureReadyCondition); c == nil || !strings.Contains(c.Message, want) {
-				t.Errorf("Machine %s's InfrastructureReady condition %+v does not say why it waits", name, c)
-			}
+			f.eventually("the Machine says why it waits", time.Minute, func() (bool, string) {
+				m := &clusterv1.Machine{}
+				if err := f.get(name, m); err != nil {
+					return false, err.Error()
+				}
+				c := conditions.Get(m, clusterv1.MachineInfrastructureReadyCondition)
+				return c != nil && strings.Contains(c.Message, want), fmt.Sprintf("Machine %s's InfrastructureReady condition: %+v", name, c)
+			})
 			f.checkNoDoubleClaims()
 		}},
 		{"deleting the cluster wipes every host", func(t *testing.T) {
@@ -121,7 +124,7 @@ func TestClusterLifecycle(t *testing.T) {
 				ams := f.listAnvilMachines()
 				return isNotFound(err) && len(ams) == 0, fmt.Sprintf("cluster: %v; %d AnvilMachines left", err, len(ams))
 			})
-			f.waitWiped(claimed, time.Minute)
+			f.waitWiped(claimed, time.Minute, true)
 			for _, h := range f.listHosts() {
 				if h.Status.State != infrav1.HostStateAvailable || h.Spec.Claim != nil || h.Labels[controllers.ClaimedByLabel] != "" {
 					t.Errorf("host %s after the cluster's deletion: state %s, claim %+v, claimed-by %q", h.Name, h.Status.State, h.Spec.Claim,
@@ -181,7 +184,9 @@ func TestAnvilRestartsAtEveryTransition(t *testing.T) {
 	t.Logf("%d restarts of the Anvil manager while scaling down", restarts)
 	c.waitReady(1, 1, 2*time.Minute)
 	after := f.checkPlacement(c)
-	f.waitWiped(releasedHosts(before, after), time.Minute)
+	// Events are best effort: one sent by a manager that is stopped right after its write
+	// may never arrive, so here the wipe shows by the state and the power-off alone.
+	f.waitWiped(releasedHosts(before, after), time.Minute, false)
 	f.checkNoDoubleClaims()
 	t.Logf("host history:\n%s", f.history.render())
 }
@@ -380,7 +385,7 @@ func (f *fixture) claimedHosts() []string {
 // machine through Deprovisioning (an Event says so; the Simulated provisioner finishes it
 // within one reconcile, so the state is never written), and the server powered off by the
 // wipe after the release.
-func (f *fixture) waitWiped(hosts []string, timeout time.Duration) {
+func (f *fixture) waitWiped(hosts []string, timeout time.Duration, wantEvent bool) {
 	f.t.Helper()
 	f.eventually(fmt.Sprintf("hosts %v are wiped and Available without a claim", hosts), timeout, func() (bool, string) {
 		for _, name := range hosts {
@@ -391,7 +396,7 @@ func (f *fixture) waitWiped(hosts []string, timeout time.Duration) {
 			if h.Status.State != infrav1.HostStateAvailable || h.Spec.Claim != nil || h.Labels[controllers.ClaimedByLabel] != "" || h.Status.BootSlots != nil {
 				return false, fmt.Sprintf("host %s: %s, claim %+v, boot slots %+v", name, h.Status.State, h.Spec.Claim, h.Status.BootSlots)
 			}
-			if !f.hasEvent(name, string(infrav1.HostStateDeprovisioning)) {
+			if wantEvent && !f.hasEvent(name, string(infrav1.HostStateDeprovisioning)) {
 				return false, fmt.Sprintf("host %s: no %s Event", name, infrav1.HostStateDeprovisioning)
 			}
 		}
@@ -422,7 +427,9 @@ func (f *fixture) hasEvent(host, reason string) bool {
 		return false
 	}
 	for _, e := range evs.Items {
-		if e.Regarding.Kind == "AnvilHost" && e.Regarding.Name == host && e.Reason == reason {
+		// The host controller sends one Event per reconcile; its note lists every state the
+		// host passed through ("Provisioned → Deprovisioning → Inspecting → Available").
+		if e.Regarding.Kind == "AnvilHost" && e.Regarding.Name == host && (e.Reason == reason || strings.Contains(e.Note, "→ "+reason)) {
 			return true
 		}
 	}
