@@ -1,4 +1,4 @@
-// Command manager runs Anvil's controllers (and, as they land, its boot services) against a
+// Command manager runs Anvil's controllers, webhooks and boot services against a
 // management cluster.
 package main
 
