@@ -155,7 +155,7 @@ func startTargetManagementCluster(t *testing.T, f *fixture) *targetCluster {
 		t.Fatal(err)
 	}
 	source := f.api
-	anvil := startAnvil(t, api)
+	anvil := startAnvil(t, api, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(func() {
 		cancel()
