@@ -155,14 +155,14 @@ func setupCore(ctx context.Context, cfg *rest.Config, instance string) (manager.
 		return nil, err
 	}
 	if err := (&machinereconciler.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc,
-		RemoteConditionsGracePeriod: remoteConditionsGracePeriod}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
+		RemoteConditionsGracePeriod: remoteConditionsGracePeriod, RuntimeClient: extensions}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
 	if err := (&machineset.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc,
 		PreflightChecks: sets.New(clusterv1.MachineSetPreflightCheckAll)}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
-	if err := (&machinedeployment.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}).
+	if err := (&machinedeployment.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), RuntimeClient: extensions}).
 		SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
@@ -214,6 +214,6 @@ func setupControlPlane(ctx context.Context, cfg *rest.Config, instance string) (
 	shortenClusterCacheRetry(cc)
 	return mgr, (&kubeadmcontrolplane.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), SecretCachingClient: secrets,
 		ClusterCache: cc, EtcdDialTimeout: etcdDialTimeout, EtcdCallTimeout: etcdCallTimeout, EtcdLogger: zap.NewNop(),
-		RemoteConditionsGracePeriod: remoteConditionsGracePeriod}).SetupWithManager(ctx, mgr,
+		RemoteConditionsGracePeriod: remoteConditionsGracePeriod, RuntimeClient: extensions}).SetupWithManager(ctx, mgr,
 		controller.Options{MaxConcurrentReconciles: 10, ReconciliationTimeout: 3 * time.Minute})
 }
