@@ -234,6 +234,12 @@ func (s *step) inspecting() stepResult {
 	if err != nil {
 		return s.failed()
 	}
+	if old := h.Status.Hardware; old != nil && old.Source == inventoryInBand && !hasCompute(inv) {
+		// An IPMI BMC reports only its FRU (no CPU, memory or disks): keep what the agent
+		// reported in band (on its last network boot, e.g. the wipe before this inspection)
+		// rather than lose the hardware labels machines select by.
+		inv = old.DeepCopy()
+	}
 	if old := h.Status.Hardware; old != nil && sameHardware(old, inv) {
 		inv.InspectedAt = old.InspectedAt // nothing changed: don't rewrite status for a timestamp
 	}
@@ -243,9 +249,13 @@ func (s *step) inspecting() stepResult {
 	}
 	h.Status.Hardware = inv
 	ApplyHardwareLabels(h)
+	source := "out-of-band"
+	if inv.Source == inventoryInBand {
+		source = "in-band, from the agent; the BMC reports no CPU or memory"
+	}
 	conditions.Set(h, metav1.Condition{Type: ConditionInspected, Status: metav1.ConditionTrue, Reason: "Inspected",
-		Message: fmt.Sprintf("%d cores, %s memory, %d disks, %d NICs, %d accelerators (out-of-band)",
-			inv.CPU.Cores, quantityString(inv.Memory), len(inv.Disks), len(inv.NICs), len(inv.Accelerators))})
+		Message: fmt.Sprintf("%d cores, %s memory, %d disks, %d NICs, %d accelerators (%s)",
+			inv.CPU.Cores, quantityString(inv.Memory), len(inv.Disks), len(inv.NICs), len(inv.Accelerators), source)})
 	s.clearError()
 	return stepResult{next: infrav1.HostStateAvailable, cont: true}
 }
@@ -608,6 +618,15 @@ func (m *Machine) retryInterval() time.Duration {
 		return m.RetryInterval
 	}
 	return 30 * time.Second
+}
+
+// inventoryInBand is HardwareInventory.Source for what the agent reported.
+const inventoryInBand = "InBand"
+
+// hasCompute reports whether an inventory says anything about CPU or memory (an IPMI FRU
+// inventory does not).
+func hasCompute(inv *infrav1.HardwareInventory) bool {
+	return inv.CPU.Cores > 0 || inv.Memory != nil
 }
 
 // sameHardware compares inventories ignoring when they were taken.

@@ -3,6 +3,7 @@ package hoststate
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -212,5 +213,46 @@ func TestMaintenanceOfAClaimedHost(t *testing.T) {
 	r := fh.step(m)
 	if h.Status.State != infrav1.HostStateAvailable || !r.ReleaseClaim || len(prov.wipes) != 1 || prov.wipes[0] != infrav1.WipePolicyFull {
 		t.Fatalf("state %s, released %v, wipes %v: want the claim's full wipe, then Available", h.Status.State, r.ReleaseClaim, prov.wipes)
+	}
+}
+
+// An IPMI BMC reports only its FRU: re-inspection (after a wipe, or a repair) keeps the
+// in-band inventory the agent reported, and with it the hardware labels; a BMC that reports
+// CPU and memory replaces it.
+func TestReinspectionKeepsInBandInventoryOverAnFRUOnlyOne(t *testing.T) {
+	fh, m := fixture()
+	m.Provisioner = &wipingProvisioner{steps: 1}
+	fru := &infrav1.HardwareInventory{Source: "OutOfBand", System: infrav1.SystemInfo{Manufacturer: "Supermicro", SerialNumber: "SM-1"}}
+	fh.BMC.Hardware = fru
+	fh.step(m)
+	h := fh.Host
+	if h.Labels[LabelCPUCores] != "" {
+		t.Fatalf("cores label %q from an FRU-only inventory", h.Labels[LabelCPUCores])
+	}
+	// The agent's registration during a wipe reported the hardware in band.
+	inBand, _ := fixture()
+	h.Status.Hardware = inBand.BMC.Hardware.DeepCopy()
+	h.Status.Hardware.Source = "InBand"
+	ApplyHardwareLabels(h)
+
+	h.Spec.Maintenance = &infrav1.Maintenance{Reason: "fan"}
+	fh.step(m)
+	h.Spec.Maintenance = nil
+	fh.step(m)
+	if h.Status.State != infrav1.HostStateAvailable || h.Labels[LabelCPUCores] != "32" || h.Status.Hardware.Source != "InBand" {
+		t.Fatalf("after re-inspection: state %s, cores label %q, source %s; want the in-band inventory kept", h.Status.State, h.Labels[LabelCPUCores], h.Status.Hardware.Source)
+	}
+	if c := conditions.Get(h, ConditionInspected); c == nil || !strings.Contains(c.Message, "in-band") {
+		t.Errorf("Inspected condition %+v should say the inventory is in-band", c)
+	}
+
+	fh.BMC.Hardware = inBand.BMC.Hardware.DeepCopy() // a BMC that reports compute
+	fh.BMC.Hardware.CPU.Cores, fh.BMC.Hardware.Source = 48, "OutOfBand"
+	h.Spec.Maintenance = &infrav1.Maintenance{Reason: "BMC firmware"}
+	fh.step(m)
+	h.Spec.Maintenance = nil
+	fh.step(m)
+	if h.Labels[LabelCPUCores] != "48" || h.Status.Hardware.Source != "OutOfBand" {
+		t.Errorf("cores label %q, source %s: a full out-of-band inventory replaces the in-band one", h.Labels[LabelCPUCores], h.Status.Hardware.Source)
 	}
 }
