@@ -57,7 +57,7 @@ func (e *extensionCaller) serve(url string, hc *http.Client, handlers map[string
 }
 
 func (e *extensionCaller) WarmUp(*runtimev1.ExtensionConfigList) error { return nil }
-func (e *extensionCaller) IsReady() bool                              { return true }
+func (e *extensionCaller) IsReady() bool                               { return true }
 func (e *extensionCaller) Discover(context.Context, *runtimev1.ExtensionConfig) (*runtimev1.ExtensionConfig, error) {
 	return nil, errors.New("discovery is not supported by the test runtime client")
 }
