@@ -12,7 +12,7 @@
 // target of clusterctl's own move code. Cluster API's InPlaceUpdates gate is on; the in-place
 // test serves Anvil's Runtime Extension to its controllers.
 //
-// The suite is part of `make test` (about 3.5 minutes on two cores); `make test-e2e` runs it
+// The suite is part of `make test` (about 4–4.5 minutes on two cores); `make test-e2e` runs it
 // alone.
 package e2e
 
