@@ -42,7 +42,7 @@ test: envtest test-deps ## Run every test (unit and envtest suites), building wh
 	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) KUBEBUILDER_CONTROLPLANE_START_TIMEOUT=$(ENVTEST_START_TIMEOUT) go test $(GO_TEST_FLAGS) ./...
 
 .PHONY: test-e2e
-test-e2e: envtest test-deps ## Only the Cluster API end-to-end suite (KCP, MachineDeployment, races, restarts, clusterctl move; part of make test, ~3.5 min).
+test-e2e: envtest test-deps ## Only the Cluster API end-to-end suite (KCP, MachineDeployment, races, restarts, clusterctl move, repair, in-place upgrades; part of make test, ~4.5 min).
 	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test $(GO_TEST_FLAGS) -v ./test/e2e/...
 
 .PHONY: bench-hosts

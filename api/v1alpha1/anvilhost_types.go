@@ -213,6 +213,8 @@ type AnvilHostSpec struct {
 	Online bool `json:"online"`
 
 	// maintenance, when set, stops every action on the host except reading its status.
+	// Removing it from an unclaimed host wipes the host (metadata) and re-inspects it before it
+	// is Available again; a claimed host resumes where it was.
 	// +optional
 	Maintenance *Maintenance `json:"maintenance,omitempty"`
 

@@ -29,6 +29,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/inplace"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/provision"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/webhooks"
 )
@@ -42,6 +43,7 @@ type options struct {
 	watchFilterValue   string
 	webhookPort        int
 	webhookCertDir     string
+	extensionPort      int
 	hostConcurrency    int
 	bmcMaxConcurrent   int
 	bmcTimeout         time.Duration
@@ -91,6 +93,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.tftpDir, "tftp-dir", "/usr/lib/ipxe", "Directory with the iPXE binaries served over TFTP.")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
+	fs.IntVar(&o.extensionPort, "runtime-extension-port", 0, "Serve the Runtime Extension for Cluster API's InPlaceUpdates feature gate on this port, with the webhook certificate (0: off).")
 	o.zapOptions.BindFlags(fs)
 	return o, fs.Parse(args)
 }
@@ -222,6 +225,18 @@ func main() {
 	if o.enableWebhooks {
 		if err := webhooks.SetupWithManager(mgr, webhooks.Options{AllowLocalImages: o.allowLocalImages}); err != nil {
 			setupLog.Error(err, "setting up webhooks")
+			os.Exit(1)
+		}
+	}
+
+	if o.extensionPort != 0 {
+		ext, err := inplace.NewServer(&inplace.Extension{Client: mgr.GetClient()}, inplace.ServerOptions{Port: o.extensionPort, CertDir: o.webhookCertDir})
+		if err != nil {
+			setupLog.Error(err, "setting up the in-place update Runtime Extension")
+			os.Exit(1)
+		}
+		if err := mgr.Add(ext); err != nil {
+			setupLog.Error(err, "adding the in-place update Runtime Extension")
 			os.Exit(1)
 		}
 	}

@@ -29,6 +29,7 @@ import (
 	"sigs.k8s.io/cluster-api/core/reconcilers/machinedeployment"
 	"sigs.k8s.io/cluster-api/core/reconcilers/machinehealthcheck"
 	"sigs.k8s.io/cluster-api/core/reconcilers/machineset"
+	runtimeclient "sigs.k8s.io/cluster-api/exp/runtime/client"
 	coresetup "sigs.k8s.io/cluster-api/core/setup"
 	"sigs.k8s.io/cluster-api/util/index"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -79,6 +80,10 @@ type Options struct {
 	// Instance tells apart two sets started in one process (a clusterctl move's source and
 	// target): client-go refuses two informers of the same name.
 	Instance string
+	// RuntimeClient calls Runtime Extensions for the machine, MachineDeployment and
+	// KubeadmControlPlane controllers; Cluster API requires one when its InPlaceUpdates
+	// feature gate is on.
+	RuntimeClient runtimeclient.Client
 }
 
 // Start starts Cluster API's controllers against the management cluster at cfg, and the
@@ -171,14 +176,14 @@ func setupCore(ctx context.Context, cfg *rest.Config, opts Options) (manager.Man
 		return nil, err
 	}
 	if err := (&machinereconciler.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc,
-		RemoteConditionsGracePeriod: remoteConditionsGracePeriod}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
+		RemoteConditionsGracePeriod: remoteConditionsGracePeriod, RuntimeClient: opts.RuntimeClient}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
 	if err := (&machineset.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc,
 		PreflightChecks: sets.New(clusterv1.MachineSetPreflightCheckAll)}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
-	if err := (&machinedeployment.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}).
+	if err := (&machinedeployment.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), RuntimeClient: opts.RuntimeClient}).
 		SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
@@ -234,6 +239,6 @@ func setupControlPlane(ctx context.Context, cfg *rest.Config, opts Options) (man
 	shortenClusterCacheRetry(cc)
 	return mgr, (&kubeadmcontrolplane.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), SecretCachingClient: secrets,
 		ClusterCache: cc, EtcdDialTimeout: etcdDialTimeout, EtcdCallTimeout: etcdCallTimeout, EtcdLogger: zap.NewNop(),
-		RemoteConditionsGracePeriod: remoteConditionsGracePeriod}).SetupWithManager(ctx, mgr,
+		RemoteConditionsGracePeriod: remoteConditionsGracePeriod, RuntimeClient: opts.RuntimeClient}).SetupWithManager(ctx, mgr,
 		controller.Options{MaxConcurrentReconciles: 10, ReconciliationTimeout: 3 * time.Minute})
 }

@@ -5,7 +5,8 @@
 //
 //	Registering → Inspecting → Available ⇄ Provisioning → Provisioned → Deprovisioning → Available
 //	Provisioned → Upgrading (new image into the inactive A/B slot) → Provisioned (see upgrade.go)
-//	any state + spec.maintenance → actions stop (state Maintenance when unclaimed); cleared → Inspecting
+//	any state + spec.maintenance → actions stop (state Maintenance when unclaimed)
+//	Maintenance, cleared → Deprovisioning (metadata wipe) → Inspecting → Available (repair)
 //	any state + spec.retire → Retiring (wipe, power off) → Retired (terminal)
 package hoststate
 
@@ -163,9 +164,15 @@ func (m *Machine) Step(ctx context.Context, in Input) Result {
 // Provisioned, and on a released one until it is wiped: a move must not copy a host halfway
 // through either. A host in maintenance does nothing, so it blocks nothing. The annotation
 // changes only with the claim or the state, so it rides on writes that happen anyway.
+//
+// An unclaimed host being wiped on its way out of maintenance blocks it too: a move drops
+// status, and a host that arrives without it registers and inspects as if new, so the
+// Deprovisioning state that owes the wipe would be lost.
 func syncBlockMove(h *infrav1.AnvilHost) {
-	busy := h.Spec.Claim != nil && h.Spec.Maintenance == nil &&
-		h.Status.State != infrav1.HostStateProvisioned && h.Status.State != infrav1.HostStateRetired
+	state := h.Status.State
+	busy := h.Spec.Maintenance == nil &&
+		(h.Spec.Claim != nil && state != infrav1.HostStateProvisioned && state != infrav1.HostStateRetired ||
+			state == infrav1.HostStateDeprovisioning)
 	if !busy {
 		delete(h.Annotations, infrav1.BlockMoveAnnotation)
 		return
@@ -227,6 +234,12 @@ func (s *step) inspecting() stepResult {
 	if err != nil {
 		return s.failed()
 	}
+	if old := h.Status.Hardware; old != nil && old.Source == inventoryInBand && !hasCompute(inv) {
+		// An IPMI BMC reports only its FRU (no CPU, memory or disks): keep what the agent
+		// reported in band (on its last network boot, e.g. the wipe before this inspection)
+		// rather than lose the hardware labels machines select by.
+		inv = old.DeepCopy()
+	}
 	if old := h.Status.Hardware; old != nil && sameHardware(old, inv) {
 		inv.InspectedAt = old.InspectedAt // nothing changed: don't rewrite status for a timestamp
 	}
@@ -236,9 +249,13 @@ func (s *step) inspecting() stepResult {
 	}
 	h.Status.Hardware = inv
 	ApplyHardwareLabels(h)
+	source := "out-of-band"
+	if inv.Source == inventoryInBand {
+		source = "in-band, from the agent; the BMC reports no CPU or memory"
+	}
 	conditions.Set(h, metav1.Condition{Type: ConditionInspected, Status: metav1.ConditionTrue, Reason: "Inspected",
-		Message: fmt.Sprintf("%d cores, %s memory, %d disks, %d NICs, %d accelerators (out-of-band)",
-			inv.CPU.Cores, quantityString(inv.Memory), len(inv.Disks), len(inv.NICs), len(inv.Accelerators))})
+		Message: fmt.Sprintf("%d cores, %s memory, %d disks, %d NICs, %d accelerators (%s)",
+			inv.CPU.Cores, quantityString(inv.Memory), len(inv.Disks), len(inv.NICs), len(inv.Accelerators), source)})
 	s.clearError()
 	return stepResult{next: infrav1.HostStateAvailable, cont: true}
 }
@@ -314,10 +331,15 @@ func (s *step) provisioned() stepResult {
 	return s.keepPower()
 }
 
+// deprovisioning wipes the host: after a release with the claim's wipe policy, on the way out
+// of maintenance (repair) with a metadata wipe. Only Inspecting follows it, so the state
+// itself, kept in status, is what owes the wipe: a controller restarted mid-wipe finds the
+// host still Deprovisioning and wipes it again from the start.
 func (s *step) deprovisioning() stepResult {
 	h := s.in.Host
+	released := h.Spec.Claim != nil && h.Spec.Claim.Released
 	policy := infrav1.WipePolicyMetadata
-	if h.Spec.Claim != nil && h.Spec.Claim.WipePolicy != "" {
+	if released && h.Spec.Claim.WipePolicy != "" {
 		policy = h.Spec.Claim.WipePolicy
 	}
 	out, err := s.m.Provisioner.Deprovision(s.ctx, h, policy, s.runBMC)
@@ -332,8 +354,10 @@ func (s *step) deprovisioning() stepResult {
 	conditions.Delete(h, ConditionProvisioned)
 	h.Status.BootSlots = nil
 	delete(h.Annotations, infrav1.ProvisionedForAnnotation)
-	h.Spec.Claim = nil
-	s.res.ReleaseClaim = true
+	if released {
+		h.Spec.Claim = nil
+		s.res.ReleaseClaim = true
+	}
 	s.in.LastPowerSync = time.Time{} // the agent powered the server off: read it again now
 	// Re-inspect before handing the host out again: it may have been repaired or changed.
 	return stepResult{next: infrav1.HostStateInspecting, cont: true}
@@ -354,9 +378,15 @@ func (s *step) maintenance() stepResult {
 	return stepResult{requeueAfter: s.powerSyncInterval()}
 }
 
-// leavingMaintenance re-inspects: parts may have been replaced.
+// leavingMaintenance starts the repair path. While in maintenance anyone may have worked on
+// the server (booted a rescue system, swapped disks for used ones), so it is wiped (metadata)
+// before it is handed out again, then re-inspected (parts may have been replaced, and the
+// wipe's agent may have reported an in-band inventory). Deprovisioning owes the wipe from
+// here on: only a finished wipe leaves it.
 func (s *step) leavingMaintenance() stepResult {
-	return stepResult{next: infrav1.HostStateInspecting, cont: true}
+	s.res.Events = append(s.res.Events, Event{Reason: "MaintenanceCleared",
+		Message: "maintenance cleared: the host is wiped (metadata) and re-inspected before it is Available again"})
+	return stepResult{next: infrav1.HostStateDeprovisioning, cont: true}
 }
 
 // retiring wipes (through the provisioner) and powers off; then the host is scrap.
@@ -588,6 +618,15 @@ func (m *Machine) retryInterval() time.Duration {
 		return m.RetryInterval
 	}
 	return 30 * time.Second
+}
+
+// inventoryInBand is HardwareInventory.Source for what the agent reported.
+const inventoryInBand = "InBand"
+
+// hasCompute reports whether an inventory says anything about CPU or memory (an IPMI FRU
+// inventory does not).
+func hasCompute(inv *infrav1.HardwareInventory) bool {
+	return inv.CPU.Cores > 0 || inv.Memory != nil
 }
 
 // sameHardware compares inventories ignoring when they were taken.

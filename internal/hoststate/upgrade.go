@@ -133,3 +133,46 @@ func (s *step) upgrading() stepResult {
 	h.Status.Power = infrav1.PowerOn
 	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.powerSyncInterval()}
 }
+
+// UpgradeProgress is how far a host has taken an in-place upgrade to one image.
+type UpgradeProgress struct {
+	// Committed: the image runs in the active slot and passed its health gate.
+	Committed bool
+	// RolledBack: the image failed its health gate on every try and the host runs the
+	// previous slot again; it is not retried.
+	RolledBack bool
+	// Message says where the upgrade stands, for humans.
+	Message string
+}
+
+// UpgradeProgressOf reports where host h stands with an in-place upgrade to img, from the
+// claim and status.bootSlots alone (not from conditions, which may predate the claim's
+// image).
+func UpgradeProgressOf(h *infrav1.AnvilHost, img infrav1.Image) UpgradeProgress {
+	c, slots := h.Spec.Claim, h.Status.BootSlots
+	switch {
+	case c == nil || c.Released:
+		return UpgradeProgress{Message: "host " + h.Name + " holds no claim"}
+	case c.Image == nil || c.Image.Checksum != img.Checksum:
+		return UpgradeProgress{Message: "waiting for host " + h.Name + " to be handed " + img.URL}
+	case slots == nil:
+		return UpgradeProgress{Message: "host " + h.Name + " has no A/B slots recorded yet"}
+	}
+	active, pending, failed := slotContent(slots, slots.Active), slotContent(slots, slots.Pending), slotContent(slots, slots.LastFailed)
+	switch {
+	case active != nil && active.Checksum == img.Checksum && (slots.Pending == "" || slots.Pending == slots.Active):
+		return UpgradeProgress{Committed: true, Message: fmt.Sprintf("host %s runs %s from slot %s", h.Name, img.URL, slots.Active)}
+	case failed != nil && failed.Checksum == img.Checksum && (pending == nil || pending.Checksum != img.Checksum):
+		return UpgradeProgress{RolledBack: true, Message: fmt.Sprintf("%s failed its health gate in slot %s of host %s, which rolled back to slot %s; it is not tried again: set another image",
+			img.URL, slots.LastFailed, h.Name, slots.Active)}
+	case h.Status.State == infrav1.HostStateUpgrading:
+		return UpgradeProgress{Message: fmt.Sprintf("host %s is installing %s into its inactive slot", h.Name, img.URL)}
+	case pending != nil && pending.Checksum == img.Checksum:
+		return UpgradeProgress{Message: fmt.Sprintf("host %s runs %s in slot %s on trial until its health gate passes", h.Name, img.URL, slots.Pending)}
+	case h.Spec.Maintenance != nil:
+		return UpgradeProgress{Message: fmt.Sprintf("host %s is in maintenance (%s)", h.Name, h.Spec.Maintenance.Reason)}
+	case h.Status.LastError != nil:
+		return UpgradeProgress{Message: fmt.Sprintf("host %s: %s: %s", h.Name, h.Status.LastError.Reason, h.Status.LastError.Message)}
+	}
+	return UpgradeProgress{Message: fmt.Sprintf("host %s is %s; the upgrade to %s has not started", h.Name, h.Status.State, img.URL)}
+}

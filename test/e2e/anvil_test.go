@@ -29,8 +29,9 @@ type anvilManager struct {
 }
 
 // startAnvil starts a new Anvil manager against api. Nothing carries over from a previous run
-// but what the API server holds: a restart in miniature.
-func startAnvil(t *testing.T, api *mgmtplane.Environment) *anvilManager {
+// but what the API server holds: a restart in miniature. prov is the host provisioner of this
+// run (nil: hoststate.Simulated).
+func startAnvil(t *testing.T, api *mgmtplane.Environment, prov hoststate.Provisioner) *anvilManager {
 	t.Helper()
 	mgr, err := ctrl.NewManager(api.Config, ctrl.Options{Scheme: api.Scheme,
 		Metrics: metricsserver.Options{BindAddress: "0"},
@@ -53,8 +54,11 @@ func startAnvil(t *testing.T, api *mgmtplane.Environment) *anvilManager {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	if prov == nil {
+		prov = hoststate.Simulated{}
+	}
 	hosts := &controllers.AnvilHostReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("anvilhost-controller"), Pool: pool,
-		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: hoststate.Simulated{}, PowerSyncInterval: 10 * time.Second,
+		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: prov, PowerSyncInterval: 10 * time.Second,
 			RetryInterval: 500 * time.Millisecond},
 		BMCTimeout: 5 * time.Second}
 	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}

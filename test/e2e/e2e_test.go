@@ -216,7 +216,7 @@ func (f *fixture) restartAtTransitions(what string, timeout time.Duration, done 
 			}
 		}
 		f.anvil.stop(f.t)
-		f.anvil = startAnvil(f.t, f.api)
+		f.anvil = startAnvil(f.t, f.api, nil)
 		restarts++
 	}
 	f.t.Logf("%s: %s", what, time.Since(start).Round(100*time.Millisecond))

@@ -133,7 +133,7 @@ func newFixture(t *testing.T, perZone int) *fixture {
 			})
 		}
 	}
-	f.anvil = startAnvil(t, f.api)
+	f.anvil = startAnvil(t, f.api, nil)
 	f.eventually("every host becomes Available", 2*time.Minute, func() (bool, string) {
 		hosts := f.listHosts()
 		for _, h := range hosts {

@@ -150,13 +150,13 @@ func startTargetManagementCluster(t *testing.T, f *fixture) *targetCluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	capi, err := capistack.Start(api.Config, capistack.Options{Workloads: workloads, Instance: "-target"})
+	capi, err := capistack.Start(api.Config, capistack.Options{Workloads: workloads, Instance: "-target", RuntimeClient: extensions})
 	if err != nil {
 		_ = api.Stop()
 		t.Fatal(err)
 	}
 	source := f.api
-	anvil := startAnvil(t, api)
+	anvil := startAnvil(t, api, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(func() {
 		cancel()

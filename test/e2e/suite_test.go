@@ -9,9 +9,10 @@
 // Cluster API's controllers and the workload server live for the whole package; each test
 // runs its own Anvil manager, BMCs and namespace, and removes them when it ends. The move test
 // adds a second management cluster (API server, Cluster API's controllers, Anvil) as the
-// target of clusterctl's own move code.
+// target of clusterctl's own move code. Cluster API's InPlaceUpdates gate is on; the in-place
+// test serves Anvil's Runtime Extension to its controllers.
 //
-// The suite is part of `make test` (about 3.5 minutes on two cores); `make test-e2e` runs it
+// The suite is part of `make test` (about 4–4.5 minutes on two cores); `make test-e2e` runs it
 // alone.
 package e2e
 
@@ -28,6 +29,7 @@ import (
 
 	"go.uber.org/zap/zapcore"
 	"k8s.io/klog/v2"
+	"sigs.k8s.io/cluster-api/feature"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
@@ -43,6 +45,9 @@ var (
 	workloads *workload.Server
 	// logPath is where controller logs go (errors only, unless ANVIL_TEST_VERBOSE is set).
 	logPath string
+	// extensions is the runtime client of Cluster API's controllers (InPlaceUpdates is on):
+	// a test that serves a Runtime Extension points it there.
+	extensions = newExtensionCaller()
 )
 
 func TestMain(m *testing.M) { os.Exit(run(m)) }
@@ -66,6 +71,12 @@ func run(m *testing.M) int {
 	// logger, e.g. "superfluous response.WriteHeader call" for every watch it ends.
 	log.SetOutput(logFile)
 
+	// Cluster API's in-place updates, as `EXP_IN_PLACE_UPDATES=true clusterctl init` turns them
+	// on. Without an extension served (every test but the in-place one) rollouts are as usual.
+	if err := feature.MutableGates.Set(string(feature.InPlaceUpdates) + "=true"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	start := time.Now()
 	env, err = mgmtplane.Start()
 	if err != nil {
@@ -78,7 +89,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	capi, err := capistack.Start(env.Config, capistack.Options{Workloads: workloads})
+	capi, err := capistack.Start(env.Config, capistack.Options{Workloads: workloads, RuntimeClient: extensions})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starting Cluster API's controllers:", err)
 		return 1
