@@ -79,12 +79,12 @@ type labRun struct {
 	cluster   *generatedCluster
 	images    *imageServer
 	workDir   string
-	// net is the provisioning network (nil when namespaces can't be made here) and netboots
-	// what the firmware did on it.
+	// net is what the servers network-boot from (its network is nil where namespaces can't
+	// be made), boot the boot services, netboots what the firmware did on the network.
 	net      *provisioningNet
 	boot     *bootservices.Services
 	netboots netbootLog
-	stops     []func()
+	stops    []func()
 }
 
 // runLab runs the whole lifecycle; the error names the step that failed.
