@@ -282,7 +282,7 @@ func (r *labRun) badInput(ctx context.Context) error {
 }
 
 func (r *labRun) startAnvil(ctx context.Context) (string, error) {
-	dir, err := os.MkdirTemp("", "anvil-lab-")
+	dir, err := lab.NewWorkDir()
 	if err != nil {
 		return "", err
 	}

@@ -219,3 +219,21 @@ func TestParseScriptReadsWhatBootServicesRender(t *testing.T) {
 		t.Fatalf("an exit script boots a kernel:\n%s", exit)
 	}
 }
+
+func TestSweepWorkDirsRemovesOnlyKilledLabs(t *testing.T) {
+	tag, err := netns.OwnerTag()
+	if err != nil {
+		t.Skip(err)
+	}
+	dir := t.TempDir()
+	dead, alive, other := NamespacePrefix+"999999999-1-42", NamespacePrefix+tag+"-43", NamespacePrefix+"1391859793"
+	for _, d := range []string{dead, alive, other} {
+		must(t, os.MkdirAll(filepath.Join(dir, d, "image-cache"), 0o700))
+	}
+	SweepWorkDirs(dir)
+	for d, want := range map[string]bool{dead: false, alive: true, other: true} {
+		if _, err := os.Stat(filepath.Join(dir, d)); (err == nil) != want {
+			t.Errorf("%s: exists=%v, want %v", d, err == nil, want)
+		}
+	}
+}

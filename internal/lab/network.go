@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/netns"
@@ -107,4 +110,34 @@ func (n *Network) Close() error {
 	}
 	errs = append(errs, n.Switch.Delete())
 	return errors.Join(errs...)
+}
+
+// NewWorkDir makes the lab's working directory (disks, image cache, artifacts) in the
+// temporary directory, named NamespacePrefix + the process's netns.OwnerTag, after removing
+// those that killed labs left behind.
+func NewWorkDir() (string, error) {
+	tag, err := netns.OwnerTag()
+	if err != nil {
+		return os.MkdirTemp("", NamespacePrefix) // no /proc: nothing to tell leftovers by
+	}
+	SweepWorkDirs(os.TempDir())
+	return os.MkdirTemp("", NamespacePrefix+tag+"-")
+}
+
+// SweepWorkDirs removes the work directories in dir whose lab process is gone.
+func SweepWorkDirs(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), NamespacePrefix)
+		if !ok || !e.IsDir() {
+			continue
+		}
+		parts := strings.Split(rest, "-")
+		if len(parts) == 3 && netns.OwnerGone(parts[0]+"-"+parts[1]) {
+			_ = os.RemoveAll(filepath.Join(dir, e.Name()))
+		}
+	}
 }

@@ -362,10 +362,9 @@ func ipCmd(args ...string) ([]byte, error) {
 	return exec.CommandContext(ctx, "ip", args...).CombinedOutput() //nolint:gosec // iproute2 with arguments built here
 }
 
-// newName returns prefix + pid + "-" + process start time + "-" + random hex.
+// newName returns prefix + OwnerTag + "-" + random hex.
 func newName(prefix string) (string, error) {
-	pid := os.Getpid()
-	st, err := startTime(pid)
+	tag, err := OwnerTag()
 	if err != nil {
 		return "", err
 	}
@@ -373,7 +372,33 @@ func newName(prefix string) (string, error) {
 	if _, err := rand.Read(r[:]); err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("%s%d-%s-%s", prefix, pid, st, hex.EncodeToString(r[:])), nil
+	return fmt.Sprintf("%s%s-%s", prefix, tag, hex.EncodeToString(r[:])), nil
+}
+
+// OwnerTag is "<pid>-<start time>" of this process. Put into a name (of a namespace, of a
+// directory), it lets a later process tell with OwnerGone that the one that made it is gone
+// and that what it made is a leftover.
+func OwnerTag() (string, error) {
+	pid := os.Getpid()
+	st, err := startTime(pid)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d-%s", pid, st), nil
+}
+
+// OwnerGone says whether the process an OwnerTag names has ended (false for what isn't a tag).
+func OwnerGone(tag string) bool {
+	pidText, st, ok := strings.Cut(tag, "-")
+	if !ok {
+		return false
+	}
+	pid, err := strconv.Atoi(pidText)
+	if err != nil || pid <= 0 {
+		return false
+	}
+	now, err := startTime(pid)
+	return err != nil || now != st
 }
 
 // startTime reads a process's start time (in clock ticks since boot) from /proc: with the pid
@@ -410,15 +435,8 @@ func Sweep(prefix string) {
 			continue
 		}
 		parts := strings.Split(rest, "-")
-		if len(parts) != 3 {
-			continue
-		}
-		pid, err := strconv.Atoi(parts[0])
-		if err != nil {
-			continue
-		}
-		if st, err := startTime(pid); err == nil && st == parts[1] {
-			continue // owner alive
+		if len(parts) != 3 || !OwnerGone(parts[0]+"-"+parts[1]) {
+			continue // not ours, or its owner is alive
 		}
 		// Peers a killed test left running would keep the namespace alive: end them first.
 		if out, err := ipCmd("netns", "pids", e.Name()); err == nil {
