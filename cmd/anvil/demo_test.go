@@ -88,6 +88,13 @@ func checkNetworkBoots(t *testing.T, text string, opts labOptions) {
 	if !regexp.MustCompile(`(?m)^    lab-server-\d+ network boot \(UEFI\): DHCP lease 10\.77\.0\.\d+/24 from 10\.77\.0\.1, TFTP \S+ \(\d+ KiB\), script, kernel`).MatchString(text) {
 		t.Errorf("the progress shows no network boot with a lease, TFTP, script and kernel")
 	}
+	// Every server whose installed OS came up had network-booted the agent before.
+	for _, up := range regexp.MustCompile(`(?m)^    (lab-server-\d+): OS up from slot`).FindAllStringSubmatchIndex(text, -1) {
+		server := text[up[2]:up[3]]
+		if !strings.Contains(text[:up[0]], "    "+server+" network boot (UEFI): DHCP lease 10.77.0.") {
+			t.Errorf("%s's OS came up without a network boot over the provisioning network before it", server)
+		}
+	}
 	m := networkBoots.FindStringSubmatch(text)
 	if m == nil {
 		t.Fatalf("the lab's output has no account of its network boots")
