@@ -288,7 +288,7 @@ func (r *labRun) startAnvil(ctx context.Context) (string, error) {
 	}
 	r.workDir = dir
 	r.stops = append(r.stops, func() { removeWorkDir(dir, false) })
-	pn, err := newProvisioningNet(dir, r.out)
+	pn, err := newProvisioningNet(dir, r.out, lab.NewNetwork)
 	if err != nil {
 		return "", err
 	}

@@ -223,16 +223,17 @@ type provisioningNet struct {
 	tftpDir, artifacts string
 }
 
-// newProvisioningNet prepares the artifacts and makes the network, saying in one line what
-// the servers will boot over; without namespaces it says so and the lab goes on without.
-func newProvisioningNet(dir string, out io.Writer) (*provisioningNet, error) {
+// newProvisioningNet prepares the artifacts and makes the network with makeNetwork
+// (lab.NewNetwork), saying in one line what the servers will boot over; where it can't be made
+// (not root, no iproute2) it says so and the lab goes on without.
+func newProvisioningNet(dir string, out io.Writer, makeNetwork func() (*lab.Network, error)) (*provisioningNet, error) {
 	pn := &provisioningNet{}
 	artifacts, what, err := bootArtifacts(dir)
 	if err != nil {
 		return nil, err
 	}
 	pn.artifacts = artifacts
-	network, err := lab.NewNetwork()
+	network, err := makeNetwork()
 	if err != nil {
 		fmt.Fprintf(out, "    no provisioning network (%v): the emulated firmware asks the boot services' HTTP endpoint for its script, without DHCP or TFTP; agent: %s\n", err, what)
 		return pn, nil
