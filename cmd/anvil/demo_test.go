@@ -5,9 +5,12 @@ import (
 	"context"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/netns"
 )
 
 // TestLab runs `make demo` as make test does, so the README's first command cannot rot: every
@@ -56,11 +59,63 @@ func TestLab(t *testing.T) {
 		}
 		last += i
 	}
+	checkNetworkBoots(t, text, opts)
 	final := text[strings.LastIndex(text, "$ kubectl get anvilhosts"):strings.LastIndex(text, "Timeline (total")]
 	if n := len(regexp.MustCompile(`(?m)^lab-server-\d+\s+Available\s+Off`).FindAllString(final, -1)); n != opts.Servers-1 {
 		t.Errorf("final table has %d Available hosts powered off, want %d:\n%s", n, opts.Servers-1, final)
 	}
 	if n := len(regexp.MustCompile(`(?m)^lab-server-\d+\s+Retired\s+Off`).FindAllString(final, -1)); n != 1 {
 		t.Errorf("final table has %d Retired hosts powered off, want 1:\n%s", n, final)
+	}
+}
+
+// networkBoots is the lab's closing account of the network boots.
+var networkBoots = regexp.MustCompile(`Network boots over (\S+): (\d+), (\d+) with a lease from Anvil's DHCP \(([\d.]+)\); TFTP ([^;]+); ` +
+	`(\d+) loaded the agent \(kernel ([\d.]+) MiB, initramfs ([\d.]+) MiB\), (\d+) went on to the disk, (\d+) failed\. ` +
+	`Anvil's DHCP sent (\d+) ACKs, its TFTP served (\d+) files\.`)
+
+// checkNetworkBoots asserts that, where the lab has a provisioning network, every server that
+// booted by PXE took a lease from Anvil's DHCP, loaded iPXE over TFTP and the agent's kernel
+// and initramfs over HTTP — and that Anvil's own DHCP and TFTP servers counted as much.
+func checkNetworkBoots(t *testing.T, text string, opts labOptions) {
+	t.Helper()
+	if err := netns.Check(); err != nil {
+		if !strings.Contains(text, "no provisioning network (") {
+			t.Errorf("without network namespaces (%v) the lab does not say it falls back", err)
+		}
+		return
+	}
+	if !regexp.MustCompile(`(?m)^    lab-server-\d+ network boot \(UEFI\): DHCP lease 10\.77\.0\.\d+/24 from 10\.77\.0\.1, TFTP \S+ \(\d+ KiB\), script, kernel`).MatchString(text) {
+		t.Errorf("the progress shows no network boot with a lease, TFTP, script and kernel")
+	}
+	// Every server whose installed OS came up had network-booted the agent before.
+	for _, up := range regexp.MustCompile(`(?m)^    (lab-server-\d+): OS up from slot`).FindAllStringSubmatchIndex(text, -1) {
+		server := text[up[2]:up[3]]
+		if !strings.Contains(text[:up[0]], "    "+server+" network boot (UEFI): DHCP lease 10.77.0.") {
+			t.Errorf("%s's OS came up without a network boot over the provisioning network before it", server)
+		}
+	}
+	m := networkBoots.FindStringSubmatch(text)
+	if m == nil {
+		t.Fatalf("the lab's output has no account of its network boots")
+	}
+	n := func(i int) int {
+		v, err := strconv.Atoi(m[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	boots, fromAnvil, agent, failed, acks, tftpServed := n(2), n(3), n(6), n(10), n(11), n(12)
+	// Each machine's install, each wipe and each repair boots the agent.
+	if minAgent := opts.ControlPlanes + opts.Workers; agent < minAgent {
+		t.Errorf("%d network boots loaded the agent, want at least %d (one per machine): %s", agent, minAgent, m[0])
+	}
+	if failed != 0 || fromAnvil != boots {
+		t.Errorf("every network boot must take its lease from Anvil's DHCP (%s): %s", m[4], m[0])
+	}
+	// Two exchanges per boot (the PXE ROM's, then iPXE's), one TFTP transfer.
+	if acks < 2*boots || tftpServed < boots {
+		t.Errorf("Anvil's DHCP and TFTP servers counted less than the firmware did: %s", m[0])
 	}
 }

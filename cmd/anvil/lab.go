@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/capistack"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/lab"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
@@ -58,6 +60,8 @@ func (o labOptions) validate() error {
 	case o.Servers < o.ControlPlanes+o.Workers+2:
 		return fmt.Errorf("--servers=%d: %d control-plane and %d worker machines need at least %d servers "+
 			"(one spare replaces the failed worker, one is retired)", o.Servers, o.ControlPlanes, o.Workers, o.ControlPlanes+o.Workers+2)
+	case o.Servers > lab.MaxServers:
+		return fmt.Errorf("--servers=%d: the lab's provisioning network holds at most %d servers", o.Servers, lab.MaxServers)
 	case o.VM:
 		return fmt.Errorf("--vm: booting a qemu VM needs the agent kernel and initramfs, which this build does not produce yet")
 	}
@@ -75,7 +79,12 @@ type labRun struct {
 	cluster   *generatedCluster
 	images    *imageServer
 	workDir   string
-	stops     []func()
+	// net is what the servers network-boot from (its network is nil where namespaces can't
+	// be made), boot the boot services, netboots what the firmware did on the network.
+	net      *provisioningNet
+	boot     *bootservices.Services
+	netboots netbootLog
+	stops    []func()
 }
 
 // runLab runs the whole lifecycle; the error names the step that failed.
@@ -121,7 +130,12 @@ func runLab(ctx context.Context, opts labOptions) (err error) {
 		return err
 	}
 	if err := st.run("provision: each machine claims a host, PXE-boots the agent, installs the image into slot A, reboots; kubeadm joins the node",
-		func() error { return r.waitClusterReady(ctx, opts.ControlPlanes, opts.Workers) }); err != nil {
+		func() error {
+			if err := r.waitClusterReady(ctx, opts.ControlPlanes, opts.Workers); err != nil {
+				return err
+			}
+			return r.checkNetworkBoots()
+		}); err != nil {
 		return err
 	}
 	if err := st.run("scale the workers down by one: the machine goes, its host is wiped and Available again",
@@ -167,7 +181,56 @@ func runLab(ctx context.Context, opts labOptions) (err error) {
 		return err
 	}
 	st.printTimeline()
+	if err := r.checkNetworkBoots(); err != nil {
+		return err
+	}
+	r.printNetworkBoots()
 	return nil
+}
+
+// checkNetworkBoots fails unless, on the provisioning network, servers network-booted and
+// every boot took its lease from Anvil's DHCP and loaded iPXE, the script and exactly the
+// kernel and initramfs the boot services serve. Without a network there is nothing to check.
+func (r *labRun) checkNetworkBoots() error {
+	if r.net.network == nil {
+		return nil
+	}
+	s := r.netboots.summary(r.net.network.ServerIP.String())
+	if err := s.check(); err != nil {
+		return err
+	}
+	for name, got := range map[string]int64{"vmlinuz": s.Kernel, "initramfs": s.Initrd} {
+		fi, err := os.Stat(filepath.Join(r.net.artifacts, name))
+		if err != nil {
+			return err
+		}
+		if got != fi.Size() {
+			return fmt.Errorf("the firmware loaded %d bytes of %s, the boot services serve %d", got, name, fi.Size())
+		}
+	}
+	return nil
+}
+
+// printNetworkBoots prints what the firmware did on the provisioning network, and what Anvil's
+// DHCP and TFTP servers counted.
+func (r *labRun) printNetworkBoots() {
+	n := r.net.network
+	if n == nil {
+		fmt.Fprintln(r.opts.Out, "\nNetwork boots: no provisioning network; the firmware fetched its scripts over loopback HTTP")
+		return
+	}
+	s := r.netboots.summary(n.ServerIP.String())
+	files := make([]string, 0, len(s.BootFiles))
+	for f, c := range s.BootFiles {
+		files = append(files, fmt.Sprintf("%s ×%d", f, c))
+	}
+	sort.Strings(files)
+	dhcpStats, tftpStats := r.boot.DHCPStats(), r.boot.TFTPStats()
+	fmt.Fprintf(r.opts.Out, "\nNetwork boots over %s: %d, %d with a lease from Anvil's DHCP (%s); TFTP %s; "+
+		"%d loaded the agent (kernel %.1f MiB, initramfs %.1f MiB), %d went on to the disk, %d failed. "+
+		"Anvil's DHCP sent %d ACKs, its TFTP served %d files.\n",
+		n.Subnet, s.Boots, s.FromAnvil, n.ServerIP, strings.Join(files, ", "), s.Agent, float64(s.Kernel)/(1<<20), float64(s.Initrd)/(1<<20),
+		s.Disk, s.Failed, dhcpStats.Acks, tftpStats.Served)
 }
 
 func (r *labRun) stop() {
@@ -219,23 +282,33 @@ func (r *labRun) badInput(ctx context.Context) error {
 }
 
 func (r *labRun) startAnvil(ctx context.Context) (string, error) {
-	dir, err := os.MkdirTemp("", "anvil-lab-")
+	dir, err := lab.NewWorkDir()
 	if err != nil {
 		return "", err
 	}
 	r.workDir = dir
 	r.stops = append(r.stops, func() { removeWorkDir(dir, false) })
-	mgrCtx, stopMgr := context.WithCancel(ctx)
-	r.stops = append(r.stops, stopMgr)
-	boot, err := startManager(mgrCtx, r.env, dir)
+	pn, err := newProvisioningNet(dir, r.out, lab.NewNetwork)
 	if err != nil {
 		return "", err
 	}
+	r.net = pn
+	r.stops = append(r.stops, pn.close)
+	mgrCtx, stopMgr := context.WithCancel(ctx)
+	r.stops = append(r.stops, stopMgr)
+	boot, err := startManager(mgrCtx, r.env, dir, pn)
+	if err != nil {
+		return "", err
+	}
+	r.boot = boot
 	return boot.PublicURL(), nil
 }
 
 func (r *labRun) rackServers(ctx context.Context, bootURL string) error {
-	rk, err := newRack(ctx, r.env.Client, labNamespace, r.opts.Servers, r.workDir, bootURL)
+	rk, err := newRack(ctx, r.env.Client, labNamespace, r.opts.Servers, r.workDir, bootURL, r.net.network, func(nb lab.NetworkBoot) {
+		r.netboots.add(nb)
+		fmt.Fprintf(r.out, "    %s network boot (%s): %s\n", nb.Server, nb.Mode, nb)
+	})
 	if err != nil {
 		return err
 	}

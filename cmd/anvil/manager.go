@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
@@ -21,10 +23,12 @@ import (
 )
 
 // startManager runs Anvil's controllers (hosts, machines, clusters, remediation) with the
-// real provisioning backend: boot services on loopback and the agent, as in production (DHCP
-// is left to the emulated firmware, which asks the HTTP boot endpoint directly). It runs
-// until ctx ends.
-func startManager(ctx context.Context, env *mgmtplane.Environment, workDir string) (*bootservices.Services, error) {
+// real provisioning backend: boot services and the agent, as in production. The HTTP
+// endpoints listen on loopback (the agent runs in this process); with a provisioning network,
+// DHCP (reservation mode) and TFTP listen on its bridge, inside its namespace, and answer the
+// emulated firmware there; without one, DHCP is off and the firmware asks the HTTP boot
+// endpoint directly. It runs until ctx ends.
+func startManager(ctx context.Context, env *mgmtplane.Environment, workDir string, pn *provisioningNet) (*bootservices.Services, error) {
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
 	if err != nil {
 		return nil, err
@@ -34,11 +38,23 @@ func startManager(ctx context.Context, env *mgmtplane.Environment, workDir strin
 		return nil, err
 	}
 	wake := make(chan event.TypedGenericEvent[*infrav1.AnvilHost], 256)
-	boot, err := bootservices.New(bootservices.Config{HTTPAddress: "127.0.0.1:0", ImageCacheDir: filepath.Join(workDir, "image-cache"),
-		ImageCacheBytes: 4 << 30, AllowLocalImages: true, Log: logr.Discard(),
-		Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake), BootTimeout: time.Minute}})
+	cfg := bootservices.Config{HTTPAddress: "127.0.0.1:0", ImageCacheDir: filepath.Join(workDir, "image-cache"),
+		ImageCacheBytes: 4 << 30, AllowLocalImages: true, ArtifactsDir: pn.artifacts, Log: logr.Discard(),
+		Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake), BootTimeout: time.Minute}}
+	if n := pn.network; n != nil {
+		cfg.DHCPMode, cfg.DHCPInterface, cfg.ServerIP = dhcp.ModeReservation, n.Bridge, n.ServerIP
+		// Transfers must stay in the network's namespace: serve them all from port 69's socket.
+		cfg.TFTPDir, cfg.TFTPSinglePort = pn.tftpDir, true
+	}
+	boot, err := bootservices.New(cfg)
 	if err != nil {
 		return nil, err
+	}
+	if n := pn.network; n != nil {
+		// Sockets belong to the namespace of the thread that opens them.
+		if err := n.Switch.Do(boot.Listen); err != nil {
+			return nil, fmt.Errorf("boot services on the provisioning network: %w", err)
+		}
 	}
 	if err := mgr.Add(boot); err != nil {
 		return nil, err

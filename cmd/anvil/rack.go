@@ -50,6 +50,10 @@ type rack struct {
 	faults map[string]fault
 	// osBoots are called (outside mu) whenever a server's OS comes up.
 	osBoots []func(lab.OSBoot)
+	// network is the provisioning network the servers are plugged into (nil: none);
+	// netBoot hears of every network boot over it.
+	network *lab.Network
+	netBoot func(lab.NetworkBoot)
 }
 
 // serverSpec is the hardware of the i-th server: varied cores, memory and BMCs, and its zone.
@@ -59,13 +63,17 @@ func serverSpec(i int, ipmiAvailable bool) (mockup redfish.Mockup, sockets, memG
 }
 
 // newRack racks n servers, creates their BMC Secrets and AnvilHosts (powered off, labelled
-// with their zone) in ns, and starts the emulated hardware.
-func newRack(ctx context.Context, c client.Client, ns string, n int, workDir, bootURL string) (*rack, error) {
+// with their zone) in ns, and starts the emulated hardware. With a provisioning network each
+// server is plugged into it, its host gets a reserved address there (spec.bootNetwork), and
+// netBoot hears of each of its network boots.
+func newRack(ctx context.Context, c client.Client, ns string, n int, workDir, bootURL string,
+	network *lab.Network, netBoot func(lab.NetworkBoot)) (*rack, error) {
 	server, err := redfish.NewServer(redfish.ServerOptions{TLS: true})
 	if err != nil {
 		return nil, err
 	}
-	r := &rack{redfish: server, servers: map[string]*lab.Server{}, bmcKind: map[string]string{}, faults: map[string]fault{}}
+	r := &rack{redfish: server, servers: map[string]*lab.Server{}, bmcKind: map[string]string{}, faults: map[string]fault{},
+		network: network, netBoot: netBoot}
 	r.stops = append(r.stops, func() { _ = server.Close() })
 	if err := c.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "lab-bmc-ca", Namespace: ns},
 		Data: map[string][]byte{"ca.crt": server.CACertPEM()}}); err != nil {
@@ -120,6 +128,18 @@ func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workD
 			System: infrav1.SystemInfo{Manufacturer: "Anvil Lab", SerialNumber: fmt.Sprintf("LAB-%04d", i+1)}},
 		OSBooted: r.osBooted,
 	}
+	var bootNet *infrav1.BootNetwork
+	if r.network != nil {
+		addr, err := r.network.HostAddr(i)
+		if err != nil {
+			return err
+		}
+		if srv.Net, err = r.network.Plug(mac); err != nil {
+			return err
+		}
+		srv.OnNetworkBoot = r.netBoot
+		bootNet = &infrav1.BootNetwork{Address: addr.String()}
+	}
 	srv.Start(ctx)
 	r.names = append(r.names, name)
 	r.servers[name] = srv
@@ -132,6 +152,7 @@ func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workD
 		Spec: infrav1.AnvilHostSpec{
 			BMC:            infrav1.BMC{Address: address, CredentialsRef: infrav1.LocalSecretReference{Name: name + "-bmc"}, CABundleRef: caRef},
 			BootMACAddress: mac,
+			BootNetwork:    bootNet,
 		}})
 }
 

@@ -1,6 +1,8 @@
 // Package lab emulates servers that behave like hardware for the demo and end-to-end tests:
-// power follows the emulated BMC; a network boot fetches the host's iPXE script from the boot
-// services and runs the real agent loop against a sparse disk file; a disk boot does what
+// power follows the emulated BMC; a network boot does what a PXE ROM and iPXE do on the lab's
+// provisioning network (a DHCP lease, TFTP of iPXE, the script and the agent's kernel and
+// initramfs over HTTP; see netboot) and then runs the real agent loop, with the script's kernel
+// command line, against a sparse disk file; a disk boot does what
 // GRUB's boot counting does with the installed environment block, then "runs the OS": reads
 // the config drive and passes the health gate.
 package lab
@@ -24,6 +26,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/agentloop"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/agentapi"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/disk"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/netns"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/machine"
 )
 
@@ -52,6 +55,12 @@ type Server struct {
 	MAC      string
 	Machine  *machine.Machine
 	DiskPath string
+	// Net is the server's port on the lab's provisioning network (its own network namespace),
+	// where its firmware takes a DHCP lease and loads iPXE over TFTP. Nil means no such
+	// network: the firmware then asks BootURL's script endpoint for its MAC directly.
+	Net *netns.Host
+	// OnNetworkBoot is told what the firmware did on each network boot over Net.
+	OnNetworkBoot func(NetworkBoot)
 	// BootURL is the boot services' public URL.
 	BootURL   string
 	Inventory *infrav1.HardwareInventory
@@ -120,7 +129,11 @@ func (s *Server) stopRunning() {
 
 func (s *Server) boot(ctx context.Context, b machine.BootOverride) {
 	if b.Target == machine.BootPxe {
-		if params, ok := s.fetchScript(ctx); ok {
+		fetch := s.fetchScript
+		if s.Net != nil {
+			fetch = func(ctx context.Context) (agentapi.BootParams, bool) { return s.netboot(ctx, b.Mode) }
+		}
+		if params, ok := fetch(ctx); ok {
 			s.runAgent(ctx, params)
 			return
 		}
@@ -129,7 +142,8 @@ func (s *Server) boot(ctx context.Context, b machine.BootOverride) {
 	s.bootDisk(ctx)
 }
 
-// fetchScript is the iPXE firmware: ask the boot services what this MAC should boot.
+// fetchScript is the firmware without a network: ask the boot services' HTTP endpoint what
+// this MAC should boot.
 func (s *Server) fetchScript(ctx context.Context) (agentapi.BootParams, bool) {
 	url := s.BootURL + "/ipxe/mac/" + strings.ReplaceAll(s.MAC, ":", "-")
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)

@@ -1,5 +1,7 @@
-// Package netns builds throwaway network namespaces for tests: hosts joined by a veth pair or
-// by a bridge, each with its own interface, addresses and routing table.
+// Package netns builds throwaway network namespaces for tests and for the lab: hosts joined by
+// a veth pair or by a bridge, each with its own interface, addresses and routing table.
+// New, NewPair and NewLAN are the test helpers (deleted when the test ends); Create, AddBridge
+// and Plug are the same parts for programs, which delete what they made themselves.
 //
 // Tests that speak real protocols to real peers (DHCP broadcasts, TFTP, load generators) need
 // links that reach nothing but each other. A namespace gives exactly that: whatever a test
@@ -70,27 +72,53 @@ type Namespace struct {
 func New(t testing.TB) *Namespace {
 	t.Helper()
 	Require(t)
-	sweep()
-	name, err := newName()
+	ns, err := Create(Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out, err := ipCmd("netns", "add", name); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
-	ns := &Namespace{Name: name}
-	t.Cleanup(func() { ns.delete(t) })
-	if err := ns.IP("link", "set", "lo", "up"); err != nil {
-		t.Fatal(err)
-	}
+	t.Cleanup(func() {
+		if err := ns.Delete(); err != nil {
+			t.Error(err)
+		}
+	})
 	return ns
 }
 
-func (n *Namespace) delete(t testing.TB) {
-	// Deleting the name drops the namespace once nothing runs inside it; its links go with it.
-	if out, err := ipCmd("netns", "del", n.Name); err != nil {
-		t.Errorf("ip netns del %s: %v: %s", n.Name, err, out)
+// Create makes a namespace named prefix + the owning process's pid and start time + a random
+// part, with its loopback up; the caller deletes it. It first sweeps the namespaces with the
+// same prefix whose owner is gone (a run that was killed), so programs that are not tests
+// (the lab) clean up after their own killed runs too. prefix must not contain digits after
+// its last '-' (it ends with '-').
+func Create(prefix string) (*Namespace, error) {
+	if err := Check(); err != nil {
+		return nil, err
 	}
+	if !strings.HasSuffix(prefix, "-") {
+		return nil, fmt.Errorf("namespace prefix %q must end with '-'", prefix)
+	}
+	Sweep(prefix)
+	name, err := newName(prefix)
+	if err != nil {
+		return nil, err
+	}
+	if out, err := ipCmd("netns", "add", name); err != nil {
+		return nil, fmt.Errorf("ip netns add %s: %w: %s", name, err, bytes.TrimSpace(out))
+	}
+	ns := &Namespace{Name: name}
+	if err := ns.IP("link", "set", "lo", "up"); err != nil {
+		_ = ns.Delete()
+		return nil, err
+	}
+	return ns, nil
+}
+
+// Delete removes the namespace. Deleting the name drops the namespace once nothing runs inside
+// it; its links (and their veth peers elsewhere) go with it.
+func (n *Namespace) Delete() error {
+	if out, err := ipCmd("netns", "del", n.Name); err != nil {
+		return fmt.Errorf("ip netns del %s: %w: %s", n.Name, err, bytes.TrimSpace(out))
+	}
+	return nil
 }
 
 // IP runs `ip -n NAME args...` and returns its error with its output.
@@ -213,38 +241,53 @@ func NewPair(t testing.TB, a, b HostConfig) (*Host, *Host) {
 func NewLAN(t testing.TB, hosts ...HostConfig) []*Host {
 	t.Helper()
 	sw := New(t)
-	if err := sw.IP("link", "add", "br0", "type", "bridge"); err != nil {
-		t.Fatal(err)
-	}
-	// No STP and no forwarding delay: ports forward at once, as an edge switch port would
-	// (PortFast); otherwise the first seconds of DHCP traffic are lost.
-	if err := sw.IP("link", "set", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"); err != nil {
-		t.Fatal(err)
-	}
-	if err := sw.IP("link", "set", "br0", "up"); err != nil {
+	if err := sw.AddBridge("br0", netip.Prefix{}); err != nil {
 		t.Fatal(err)
 	}
 	out := make([]*Host, 0, len(hosts))
 	for i, hc := range hosts {
-		ns := New(t)
-		port := "p" + strconv.Itoa(i)
-		const link = "eth0"
-		if err := sw.IP("link", "add", port, "type", "veth", "peer", "name", link, "netns", ns.Name); err != nil {
-			t.Fatal(err)
-		}
-		if err := sw.IP("link", "set", port, "master", "br0", "up"); err != nil {
-			t.Fatal(err)
-		}
-		h, err := setUp(ns, link, hc)
+		h, err := sw.Plug("br0", "p"+strconv.Itoa(i), New(t), hc)
 		if err != nil {
-			t.Fatal(err)
-		}
-		if err := h.WaitUp(); err != nil {
 			t.Fatal(err)
 		}
 		out = append(out, h)
 	}
 	return out
+}
+
+// AddBridge makes a bridge in n, up, with addr on it when addr is valid.
+func (n *Namespace) AddBridge(name string, addr netip.Prefix) error {
+	if err := n.IP("link", "add", name, "type", "bridge"); err != nil {
+		return err
+	}
+	// No STP and no forwarding delay: ports forward at once, as an edge switch port would
+	// (PortFast); otherwise the first seconds of DHCP traffic are lost.
+	if err := n.IP("link", "set", name, "type", "bridge", "stp_state", "0", "forward_delay", "0"); err != nil {
+		return err
+	}
+	if addr.IsValid() {
+		if err := n.IP("addr", "add", addr.String(), "dev", name); err != nil {
+			return err
+		}
+	}
+	return n.IP("link", "set", name, "up")
+}
+
+// Plug joins host to the bridge in n with a veth pair: port on the bridge, eth0 in host,
+// configured as hc says. It returns once the link passes traffic.
+func (n *Namespace) Plug(bridge, port string, host *Namespace, hc HostConfig) (*Host, error) {
+	const link = "eth0"
+	if err := n.IP("link", "add", port, "type", "veth", "peer", "name", link, "netns", host.Name); err != nil {
+		return nil, err
+	}
+	if err := n.IP("link", "set", port, "master", bridge, "up"); err != nil {
+		return nil, err
+	}
+	h, err := setUp(host, link, hc)
+	if err != nil {
+		return nil, err
+	}
+	return h, h.WaitUp()
 }
 
 func setUp(ns *Namespace, link string, hc HostConfig) (*Host, error) {
@@ -319,10 +362,9 @@ func ipCmd(args ...string) ([]byte, error) {
 	return exec.CommandContext(ctx, "ip", args...).CombinedOutput() //nolint:gosec // iproute2 with arguments built here
 }
 
-// newName returns Prefix + pid + "-" + process start time + "-" + random hex.
-func newName() (string, error) {
-	pid := os.Getpid()
-	st, err := startTime(pid)
+// newName returns prefix + OwnerTag + "-" + random hex.
+func newName(prefix string) (string, error) {
+	tag, err := OwnerTag()
 	if err != nil {
 		return "", err
 	}
@@ -330,7 +372,33 @@ func newName() (string, error) {
 	if _, err := rand.Read(r[:]); err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("%s%d-%s-%s", Prefix, pid, st, hex.EncodeToString(r[:])), nil
+	return fmt.Sprintf("%s%s-%s", prefix, tag, hex.EncodeToString(r[:])), nil
+}
+
+// OwnerTag is "<pid>-<start time>" of this process. Put into a name (of a namespace, of a
+// directory), it lets a later process tell with OwnerGone that the one that made it is gone
+// and that what it made is a leftover.
+func OwnerTag() (string, error) {
+	pid := os.Getpid()
+	st, err := startTime(pid)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d-%s", pid, st), nil
+}
+
+// OwnerGone says whether the process an OwnerTag names has ended (false for what isn't a tag).
+func OwnerGone(tag string) bool {
+	pidText, st, ok := strings.Cut(tag, "-")
+	if !ok {
+		return false
+	}
+	pid, err := strconv.Atoi(pidText)
+	if err != nil || pid <= 0 {
+		return false
+	}
+	now, err := startTime(pid)
+	return err != nil || now != st
 }
 
 // startTime reads a process's start time (in clock ticks since boot) from /proc: with the pid
@@ -353,29 +421,22 @@ func startTime(pid int) (string, error) {
 	return f[19], nil
 }
 
-// sweep deletes namespaces that earlier test processes made and could not delete (killed by a
-// timeout, say). A namespace is only touched when the process that made it is gone, so tests
-// running in parallel, in this process or others, keep theirs.
-func sweep() {
+// Sweep deletes the namespaces named with prefix that earlier processes made and could not
+// delete (killed by a timeout or SIGKILL, say). A namespace is only touched when the process
+// that made it is gone, so runs in parallel, in this process or others, keep theirs.
+func Sweep(prefix string) {
 	entries, err := os.ReadDir(runDir)
 	if err != nil {
 		return
 	}
 	for _, e := range entries {
-		rest, ok := strings.CutPrefix(e.Name(), Prefix)
+		rest, ok := strings.CutPrefix(e.Name(), prefix)
 		if !ok {
 			continue
 		}
 		parts := strings.Split(rest, "-")
-		if len(parts) != 3 {
-			continue
-		}
-		pid, err := strconv.Atoi(parts[0])
-		if err != nil {
-			continue
-		}
-		if st, err := startTime(pid); err == nil && st == parts[1] {
-			continue // owner alive
+		if len(parts) != 3 || !OwnerGone(parts[0]+"-"+parts[1]) {
+			continue // not ours, or its owner is alive
 		}
 		// Peers a killed test left running would keep the namespace alive: end them first.
 		if out, err := ipCmd("netns", "pids", e.Name()); err == nil {
