@@ -124,15 +124,20 @@ func TestRepairWipesAcrossRestarts(t *testing.T) {
 	}
 	var path []infrav1.HostState
 	var availableAt time.Time
-	for _, s := range f.history.of(name) {
-		if s.At.Before(clearedAt) {
-			continue
+	// The history's watch may deliver the Available write a moment after the Get above saw it.
+	f.eventually("the host history shows Available", 30*time.Second, func() (bool, string) {
+		path, availableAt = nil, time.Time{}
+		for _, s := range f.history.of(name) {
+			if s.At.Before(clearedAt) {
+				continue
+			}
+			path = append(path, s.State)
+			if s.State == infrav1.HostStateAvailable && availableAt.IsZero() {
+				availableAt = s.At
+			}
 		}
-		path = append(path, s.State)
-		if s.State == infrav1.HostStateAvailable && availableAt.IsZero() {
-			availableAt = s.At
-		}
-	}
+		return !availableAt.IsZero(), fmt.Sprintf("states seen since maintenance was cleared: %v", path)
+	})
 	if len(path) == 0 || path[0] == infrav1.HostStateAvailable || !contains(path, infrav1.HostStateDeprovisioning) {
 		t.Errorf("states after maintenance was cleared: %v; want Deprovisioning before Available", path)
 	}
