@@ -97,6 +97,10 @@ func Choose(hosts []infrav1.AnvilHost, req Request) Result {
 	return res
 }
 
+// Claimable reports whether h could be claimed by any machine that asks for nothing in
+// particular: Available, unclaimed, not in maintenance, retired or being deleted.
+func Claimable(h *infrav1.AnvilHost) bool { return reject(h, Request{}) == "" }
+
 // Eligible reports whether h could be claimed for req, and if not why.
 func Eligible(h *infrav1.AnvilHost, req Request) (bool, string) {
 	reason := reject(h, req)
