@@ -37,6 +37,7 @@ import (
 type options struct {
 	metricsAddr        string
 	probeAddr          string
+	pprofAddr          string
 	leaderElect        bool
 	watchNamespace     string
 	watchFilterValue   string
@@ -68,6 +69,7 @@ func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
 	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":8443", "Address the metrics endpoint binds to; 0 disables it.")
 	fs.StringVar(&o.probeAddr, "health-probe-bind-address", ":9440", "Address the health and readiness probes bind to.")
+	fs.StringVar(&o.pprofAddr, "pprof-bind-address", "", "Address of the Go profiling endpoint (/debug/pprof); empty turns it off.")
 	fs.BoolVar(&o.leaderElect, "leader-elect", true, "Elect a leader so only one replica reconciles.")
 	fs.StringVar(&o.watchNamespace, "namespace", "", "Watch only this namespace (default: all).")
 	fs.StringVar(&o.watchFilterValue, "watch-filter", "", "Reconcile only objects labelled cluster.x-k8s.io/watch-filter with this value.")
@@ -115,6 +117,7 @@ func main() {
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: o.metricsAddr, SecureServing: true},
 		HealthProbeBindAddress: o.probeAddr,
+		PprofBindAddress:       o.pprofAddr,
 		LeaderElection:         o.leaderElect,
 		LeaderElectionID:       "controller-leader-election-capanvil",
 		// controller-runtime v0.24.1's priority queue can deadlock on shutdown
