@@ -53,7 +53,7 @@ FROM --platform=$BUILDPLATFORM ${DEBIAN_IMAGE} AS ipxe
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ipxe \
  && rm -rf /var/lib/apt/lists/* \
- && mkdir -p /boot-assets/ipxe \
+ && mkdir -p /boot-assets/ipxe /boot-assets/agent \
  && cp /usr/lib/ipxe/undionly.kpxe /usr/lib/ipxe/ipxe.efi /usr/lib/ipxe/snponly.efi /boot-assets/ipxe/ \
  && cp /usr/share/doc/ipxe/copyright /boot-assets/ipxe/copyright \
  && chmod 0644 /boot-assets/ipxe/*
@@ -65,7 +65,9 @@ FROM --platform=linux/${ARCH} gcr.io/distroless/static:nonroot
 LABEL org.opencontainers.image.source="https://github.com/anvil-metal/cluster-api-provider-anvil" \
       org.opencontainers.image.title="Anvil manager" \
       org.opencontainers.image.description="Cluster API infrastructure provider for bare metal"
-# Boot assets end up at /usr/share/anvil/ipxe/, the same path as in the ko-built image.
+# Boot assets end up at /usr/share/anvil/ipxe/, the same path as in the ko-built image, with
+# /usr/share/anvil/agent/ for the agent kernel and initramfs (the manager opens the directory
+# at start-up; no build target makes the agent artifacts yet, docs/real-hardware.md).
 COPY --from=ipxe /boot-assets/ /usr/share/anvil/
 COPY --from=builder /out/manager /manager
 # Numeric, so Kubernetes can enforce runAsNonRoot without reading /etc/passwd.

@@ -15,10 +15,15 @@ ENVTEST_DIR := $(BIN)/envtest/$(KUBE_VERSION)
 GOLANGCI_LINT := $(BIN)/golangci-lint
 CONTROLLER_GEN := go tool controller-gen
 GO_TEST_FLAGS ?= -count=1 -timeout=25m
+# envtest's default of 20 s for kube-apiserver to start is too short when several suites start
+# at once on two loaded cores.
+ENVTEST_START_TIMEOUT ?= 120s
 
 IMAGE ?= ghcr.io/anvil-metal/cluster-api-provider-anvil
 TAG ?= dev
 IMAGE_TARBALL ?= out/anvil-manager-image.tar
+RELEASE_VERSION ?= v0.1.0
+RELEASE_DIR ?= out/release
 
 ##@ General
 
@@ -29,12 +34,12 @@ help: ## Show this help.
 ##@ The two commands
 
 .PHONY: demo
-demo: envtest ## Run the demo on an embedded management plane.
-	go run ./cmd/anvil demo
+demo: envtest test-deps ## The lab: management plane, Cluster API, Anvil and 6 emulated servers through the whole lifecycle (DEMO_ARGS="--keep").
+	go run ./cmd/anvil demo $(DEMO_ARGS)
 
 .PHONY: test
 test: envtest test-deps ## Run every test (unit and envtest suites), building what they need.
-	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go test $(GO_TEST_FLAGS) ./...
+	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) KUBEBUILDER_CONTROLPLANE_START_TIMEOUT=$(ENVTEST_START_TIMEOUT) go test $(GO_TEST_FLAGS) ./...
 
 .PHONY: test-e2e
 test-e2e: envtest test-deps ## Only the Cluster API end-to-end suite (KCP, MachineDeployment, races, restarts, clusterctl move; part of make test, ~3.5 min).
@@ -52,15 +57,18 @@ bench-machines: envtest ## 5,000 AnvilHosts and 5,000 AnvilMachines, simulated p
 bench: bench-hosts bench-machines envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
 	@hack/install-bench-deps.sh
 	go test -run '^$$' -bench ThousandBMCs -benchtime 1x ./internal/vbmc/redfish/
+	go test -run '^$$' -bench DHCPLoadgen -benchtime 1x -timeout 30m ./internal/boot/dhcp/
 	go test -run '^$$' -bench DHCPvsDnsmasq -benchtime 1x -timeout 30m ./internal/boot/dhcp/
+	go test -run '^$$' -bench BootStorm -benchtime 1x -timeout 30m ./internal/bootservices/
 	go test -run '^$$' -bench FanOutVsNginx -benchtime 5x ./internal/imagecache/
-	ANVIL_BENCH=1 ANVIL_BENCH_SIZE=1GiB go test -run TestInstallBenchmark -v -timeout 30m ./internal/agent/
+	ANVIL_BENCH=1 ANVIL_BENCH_SIZE=4GiB go test -run TestInstallBenchmark -v -timeout 60m ./internal/agent/
 
 ##@ Development
 
 .PHONY: generate
-generate: ## Generate deepcopy code.
+generate: ## Generate deepcopy code and docs/api-reference.md.
 	$(CONTROLLER_GEN) object:headerFile=hack/boilerplate.go.txt paths=./api/...
+	go run ./hack/apiref -dir api/v1alpha1 -out docs/api-reference.md
 
 .PHONY: manifests
 manifests: ## Generate CRDs and RBAC from the Go types and markers.
@@ -70,9 +78,9 @@ manifests: ## Generate CRDs and RBAC from the Go types and markers.
 
 .PHONY: verify-gen
 verify-gen: generate manifests ## Fail if generated files are stale.
-	@if [ -n "$$(git status --porcelain -- api config)" ]; then \
+	@if [ -n "$$(git status --porcelain -- api config docs/api-reference.md)" ]; then \
 		echo "generated files are stale; run 'make generate manifests' and commit:"; \
-		git status --porcelain -- api config; git --no-pager diff --stat -- api config; exit 1; fi
+		git status --porcelain -- api config docs/api-reference.md; git --no-pager diff --stat -- api config docs/api-reference.md; exit 1; fi
 
 .PHONY: build
 build: ## Build the manager binary into bin/.
@@ -97,12 +105,23 @@ test-deps: ## Install the Debian packages the real-peer tests use.
 	@hack/install-test-deps.sh
 
 .PHONY: image
-image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed).
+image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed), with the iPXE boot assets.
+	@hack/image/install-deps.sh
 	IMAGE=$(IMAGE) TAG=$(TAG) hack/image/build.sh ./cmd/manager $(IMAGE_TARBALL)
 
 .PHONY: verify-image
-verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint.
-	hack/image/verify.sh $(IMAGE_TARBALL)
+verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint, iPXE boot assets and agent directory.
+	REQUIRE_BOOT_ASSETS=1 hack/image/verify.sh $(IMAGE_TARBALL)
+
+##@ Release
+
+.PHONY: release-manifests
+release-manifests: ## Render infrastructure-components.yaml, metadata.yaml and the templates into out/release (RELEASE_VERSION, IMAGE).
+	go run ./hack/release -root . -out $(RELEASE_DIR) -version $(RELEASE_VERSION) -image $(IMAGE):$(RELEASE_VERSION)
+
+.PHONY: clusterctl
+clusterctl: ## Build clusterctl (version pinned in hack/clusterctl/go.mod) once per machine, linked into bin/.
+	@hack/clusterctl/build.sh
 
 .PHONY: clean
 clean: ## Remove build outputs (the envtest cache in ~/.cache/anvil stays).

@@ -2,22 +2,17 @@ package controllers
 
 import (
 	"context"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
 
-	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	kerrors "k8s.io/apimachinery/pkg/util/errors"
 	"k8s.io/client-go/tools/events"
-	"k8s.io/utils/ptr"
 	"sigs.k8s.io/cluster-api/util/conditions"
-	"sigs.k8s.io/cluster-api/util/patch"
 	"sigs.k8s.io/cluster-api/util/predicates"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
@@ -26,7 +21,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
-	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
@@ -39,26 +33,34 @@ import (
 // Secret wakes exactly the hosts that use it.
 const secretNameIndex = "spec.bmc.secretNames" //nolint:gosec // an index name, not a credential
 
+// staleCacheRequeue is how soon a host is looked at again when the cache has not yet seen
+// this controller's last write to it (usually well under a second).
+const staleCacheRequeue = 500 * time.Millisecond
+
 // AnvilHostReconciler runs the host state machine. It is the only writer of host status and
 // the only component that talks to BMCs.
+//
+// In steady state it writes nothing: power is polled and compared in memory, and BMC
+// liveness shows in the BMCReachable condition, which changes only when reachability does.
+// Each reconcile writes at most a metadata/spec patch, a status patch and one Event.
 type AnvilHostReconciler struct {
 	Client       client.Client
 	Recorder     events.EventRecorder
 	StateMachine *hoststate.Machine
 	Pool         *bmc.Pool
-	// LeaseDuration is how long a BMC liveness Lease is valid; it is renewed after a third of
-	// it has passed, and only when the BMC answered.
-	LeaseDuration time.Duration
 	// BMCTimeout bounds each BMC call.
 	BMCTimeout       time.Duration
 	WatchFilterValue string
 	// Wake, when set, delivers hosts to reconcile at once (the agent reported progress).
 	Wake <-chan event.TypedGenericEvent[*infrav1.AnvilHost]
 
-	// powerSyncedAt and leaseRenewedAt are per-host memories (by UID) that keep steady-state
-	// polling from writing anything: lost on restart, which only causes one early poll.
-	powerSyncedAt  sync.Map
-	leaseRenewedAt sync.Map
+	// powerSyncedAt is when each host's power was last read (by UID): kept in memory so that
+	// polling writes nothing; lost on restart, which only causes one early poll.
+	powerSyncedAt sync.Map
+	// written is the resourceVersion of each host's last write until the cache has it.
+	written writtenVersions
+	// caPools holds parsed CA bundles by Secret version.
+	caPools caPools
 	// movable labels the hosts' Secrets for clusterctl move.
 	movable movableSecrets
 }
@@ -81,10 +83,7 @@ func (r *AnvilHostReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Man
 		b = b.WatchesRawSource(source.Channel(r.Wake, &handler.TypedEnqueueRequestForObject[*infrav1.AnvilHost]{}))
 	}
 	return b.
-		// Status writes (our own) must not wake the host again: only spec, label and
-		// annotation changes do, and timed requeues pace everything else.
-		For(&infrav1.AnvilHost{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{},
-			predicate.LabelChangedPredicate{}, annotationsChangedByOthers()))).
+		For(&infrav1.AnvilHost{}, builder.WithPredicates(hostChangedByOthers())).
 		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretToHosts), builder.WithPredicates(secretDataChanged())).
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
@@ -103,29 +102,37 @@ func (r *AnvilHostReconciler) secretToHosts(ctx context.Context, o client.Object
 	return reqs
 }
 
-// Reconcile follows CAPI's order: get, patch helper, finalizer, delete or normal.
+// Reconcile follows CAPI's order: get, patch on return, delete or finalizer and normal.
 func (r *AnvilHostReconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Result, reterr error) {
 	log := ctrl.LoggerFrom(ctx)
 	host := &infrav1.AnvilHost{}
 	if err := r.Client.Get(ctx, req.NamespacedName, host); err != nil {
 		if apierrors.IsNotFound(err) {
 			r.Pool.Forget(ctx, req.String())
+			r.written.forget(req.NamespacedName)
 			return ctrl.Result{}, nil
 		}
 		return ctrl.Result{}, err
 	}
-
-	helper, err := patch.NewHelper(host, r.Client)
-	if err != nil {
-		return ctrl.Result{}, err
+	if r.written.cacheBehind(req.NamespacedName, host.ResourceVersion) {
+		log.V(4).Info("the cache has not seen this controller's last write yet", "resourceVersion", host.ResourceVersion)
+		return ctrl.Result{RequeueAfter: staleCacheRequeue}, nil
 	}
+
+	// Everything the reconcile changes is written when it returns, then its Event is sent:
+	// a state change whose write failed is done again, and reported, by the next reconcile.
+	before := host.DeepCopy()
+	var events []hoststate.Event
 	defer func() {
-		if err := helper.Patch(ctx, host, patch.WithOwnedConditions{Conditions: []string{
-			hoststate.ConditionReady, hoststate.ConditionBMCReachable, hoststate.ConditionBMCTLSVerified,
-			hoststate.ConditionInspected, hoststate.ConditionProvisioned, hoststate.ConditionMaintenance,
-		}}); err != nil {
-			reterr = kerrors.NewAggregate([]error{reterr, err})
+		wrote, err := patchHost(ctx, r.Client, before, host)
+		if err != nil {
+			reterr = kerrors.NewAggregate([]error{reterr, fmt.Errorf("patching host: %w", err)})
+			return
 		}
+		if wrote {
+			r.written.remember(req.NamespacedName, host.ResourceVersion)
+		}
+		r.record(host, events)
 	}()
 
 	if !host.DeletionTimestamp.IsZero() {
@@ -134,10 +141,25 @@ func (r *AnvilHostReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 	if controllerutil.AddFinalizer(host, infrav1.HostFinalizer) {
 		log.V(4).Info("added finalizer")
 	}
-	return r.reconcileNormal(ctx, host)
+	var result ctrl.Result
+	result, events = r.reconcileNormal(ctx, host)
+	return result, nil
 }
 
-func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1.AnvilHost) (ctrl.Result, error) {
+// record sends one Event for what a reconcile did (see foldEvents).
+func (r *AnvilHostReconciler) record(host *infrav1.AnvilHost, events []hoststate.Event) {
+	e, ok := foldEvents(events)
+	if !ok {
+		return
+	}
+	kind := corev1.EventTypeNormal
+	if e.Warning {
+		kind = corev1.EventTypeWarning
+	}
+	r.Recorder.Eventf(host, nil, kind, e.Reason, "Reconcile", "%s", e.Message)
+}
+
+func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1.AnvilHost) (ctrl.Result, []hoststate.Event) {
 	target, targetErr := r.resolveTarget(ctx, host)
 	var lastSync time.Time
 	if v, ok := r.powerSyncedAt.Load(host.UID); ok {
@@ -157,22 +179,10 @@ func (r *AnvilHostReconciler) reconcileNormal(ctx context.Context, host *infrav1
 		host.Spec.Claim = nil
 		delete(host.Labels, ClaimedByLabel)
 	}
-	for _, e := range res.Events {
-		kind := corev1.EventTypeNormal
-		if e.Warning {
-			kind = corev1.EventTypeWarning
-		}
-		r.Recorder.Eventf(host, nil, kind, e.Reason, "Reconcile", "%s", e.Message)
-	}
 	if before != host.Status.State {
 		ctrl.LoggerFrom(ctx).Info("host state changed", "from", before, "to", host.Status.State)
 	}
-	if res.BMCAlive {
-		if err := r.renewLease(ctx, host); err != nil {
-			return ctrl.Result{}, err
-		}
-	}
-	return ctrl.Result{RequeueAfter: res.RequeueAfter}, nil
+	return ctrl.Result{RequeueAfter: res.RequeueAfter}, res.Events
 }
 
 // reconcileDelete refuses to let a claimed host vanish under its machine: the machine must
@@ -186,7 +196,6 @@ func (r *AnvilHostReconciler) reconcileDelete(ctx context.Context, host *infrav1
 	}
 	r.Pool.Forget(ctx, host.Namespace+"/"+host.Name)
 	r.powerSyncedAt.Delete(host.UID)
-	r.leaseRenewedAt.Delete(host.UID)
 	controllerutil.RemoveFinalizer(host, infrav1.HostFinalizer)
 	return ctrl.Result{}, nil
 }
@@ -219,9 +228,9 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 		if err := r.Client.Get(ctx, types.NamespacedName{Namespace: host.Namespace, Name: ref.Name}, ca); err != nil {
 			return nil, fmt.Errorf("CA bundle Secret %q: %w", ref.Name, client.IgnoreNotFound(err))
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(ca.Data["ca.crt"]) {
-			return nil, fmt.Errorf("CA bundle Secret %q has no PEM certificate under key ca.crt", ref.Name)
+		pool, err := r.caPools.pool(ca)
+		if err != nil {
+			return nil, err
 		}
 		if err := r.movable.ensure(ctx, r.Client, ca); err != nil {
 			return nil, err
@@ -229,38 +238,6 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 		t.CAPool = pool
 	}
 	return t, nil
-}
-
-// renewLease records BMC liveness in a Lease named after the host: a heartbeat that costs
-// one small write per LeaseDuration/3 instead of a status rewrite on every poll.
-func (r *AnvilHostReconciler) renewLease(ctx context.Context, host *infrav1.AnvilHost) error {
-	duration := r.LeaseDuration
-	if duration <= 0 {
-		duration = 15 * time.Minute
-	}
-	if v, ok := r.leaseRenewedAt.Load(host.UID); ok && time.Since(v.(time.Time)) < duration/3 {
-		return nil
-	}
-	now := metav1.NewMicroTime(time.Now())
-	lease := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: host.Name, Namespace: host.Namespace}}
-	err := r.Client.Get(ctx, client.ObjectKeyFromObject(lease), lease)
-	switch {
-	case apierrors.IsNotFound(err):
-		lease.Labels = map[string]string{infrav1.LabelDomain + "/bmc-liveness": "true"}
-		lease.OwnerReferences = []metav1.OwnerReference{{APIVersion: infrav1.GroupVersion.String(), Kind: "AnvilHost",
-			Name: host.Name, UID: host.UID, Controller: ptr.To(true)}}
-		lease.Spec = coordinationv1.LeaseSpec{HolderIdentity: ptr.To("anvil-bmc-monitor"),
-			LeaseDurationSeconds: ptr.To(int32(duration.Seconds())), RenewTime: &now}
-		err = r.Client.Create(ctx, lease)
-	case err == nil:
-		lease.Spec.RenewTime = &now
-		err = r.Client.Update(ctx, lease)
-	}
-	if err != nil && !errors.Is(err, context.Canceled) {
-		return fmt.Errorf("renewing BMC liveness Lease: %w", err)
-	}
-	r.leaseRenewedAt.Store(host.UID, time.Now())
-	return nil
 }
 
 // WakeFunc turns host keys into events for AnvilHostReconciler.Wake without ever blocking the

@@ -70,3 +70,16 @@ func TestMachineWritesWaitForTheCache(t *testing.T) {
 		t.Error("versions that do not compare must never hold a reconcile back")
 	}
 }
+
+// TestMachinesOfAClusterSpreadOverZones: machines without a failure domain go to the zone
+// holding the fewest of their cluster's hosts, though a claim looks only at claimable hosts
+// (the cluster's own are counted through their index).
+func TestMachinesOfAClusterSpreadOverZones(t *testing.T) {
+	f := newCAPIFixture(t, "zone-a", "zone-a", "zone-b")
+	first := f.waitMachine(f.machine("w-0", "").Name, "was provisioned", provisioned)
+	second := f.waitMachine(f.machine("w-1", "").Name, "was provisioned", provisioned)
+	if first.Status.FailureDomain == second.Status.FailureDomain {
+		t.Fatalf("both machines in %s (hosts %s and %s): the second should have gone to the other zone",
+			first.Status.FailureDomain, first.Status.HostRef.Name, second.Status.HostRef.Name)
+	}
+}

@@ -31,6 +31,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/placement"
 )
 
@@ -38,6 +39,8 @@ import (
 const (
 	ConditionHostClaimed     = "HostClaimed"
 	ConditionHostProvisioned = "HostProvisioned"
+	// ConditionImageUpToDate mirrors the host's: whether it runs spec.image (in-place upgrades).
+	ConditionImageUpToDate = "ImageUpToDate"
 )
 
 // reasonNoMatchingHost says a machine waits because no host fits (the message says why).
@@ -80,6 +83,7 @@ type AnvilMachineReconciler struct {
 // machines waiting for a host (a host becoming claimable wakes those only).
 const (
 	claimableHostIndex  = "anvil.claimable"
+	clusterHostIndex    = "anvil.claimCluster"
 	waitingMachineIndex = "anvil.waitingForHost"
 )
 
@@ -89,6 +93,14 @@ func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.
 	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, claimableHostIndex, func(o client.Object) []string {
 		if placement.Claimable(o.(*infrav1.AnvilHost)) {
 			return []string{"true"}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, clusterHostIndex, func(o client.Object) []string {
+		if c := o.(*infrav1.AnvilHost).Spec.Claim; c != nil && !c.Released && c.ClusterName != "" {
+			return []string{c.ClusterName}
 		}
 		return nil
 	}); err != nil {
@@ -282,13 +294,22 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 	am.Status.FailureDomain = host.Labels[r.failureDomainLabel(ctx, cluster)]
 	setCondition(am, ConditionHostClaimed, true, "Claimed", "holding host "+host.Name)
 
-	if host.Status.State == infrav1.HostStateProvisioned {
+	if err := r.syncImage(ctx, host, am); err != nil {
+		return ctrl.Result{}, err
+	}
+	switch host.Status.State {
+	case infrav1.HostStateProvisioned:
 		providerID := providerIDFor(host)
 		am.Spec.ProviderID = &providerID
 		am.Status.Addresses = machineAddresses(host)
 		am.Status.Initialization.Provisioned = ptr.To(true)
 		setCondition(am, ConditionHostProvisioned, true, "Provisioned", "host "+host.Name+" runs the image")
 		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
+		return ctrl.Result{}, nil
+	case infrav1.HostStateUpgrading:
+		// The machine keeps its node through the upgrade: the active slot stays bootable (the
+		// host blocks clusterctl move meanwhile).
+		setCondition(am, ConditionHostProvisioned, true, "Upgrading", "host "+host.Name+" is writing a new image into its inactive slot")
 		return ctrl.Result{}, nil
 	}
 	msg := fmt.Sprintf("host %s is %s", host.Name, host.Status.State)
@@ -298,6 +319,33 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 	setCondition(am, ConditionHostProvisioned, false, "WaitingForHost", msg)
 	setCondition(am, clusterv1.ReadyCondition, false, "WaitingForHost", msg)
 	return ctrl.Result{}, nil // the host watch wakes us
+}
+
+// syncImage hands a changed spec.image to the provisioned host (an in-place A/B upgrade, see
+// internal/hoststate/upgrade.go) and mirrors the host's ImageUpToDate condition.
+func (r *AnvilMachineReconciler) syncImage(ctx context.Context, host *infrav1.AnvilHost, am *infrav1.AnvilMachine) error {
+	claim := host.Spec.Claim
+	if claim == nil || claim.Image == nil || (host.Status.State != infrav1.HostStateProvisioned && host.Status.State != infrav1.HostStateUpgrading) {
+		return nil
+	}
+	if cond := conditions.Get(host, hoststate.ConditionImageUpToDate); cond != nil {
+		conditions.Set(am, metav1.Condition{Type: ConditionImageUpToDate, Status: cond.Status, Reason: cond.Reason, Message: cond.Message})
+	}
+	if equality.Semantic.DeepEqual(*claim.Image, am.Spec.Image) {
+		return nil
+	}
+	if am.Spec.Image.Layout != infrav1.ImageLayoutABRoot || claim.Image.Layout != infrav1.ImageLayoutABRoot {
+		setCondition(am, ConditionImageUpToDate, false, "InPlaceUpgradeUnsupported",
+			"only ABRoot images are upgraded in place; a whole-disk image changes by replacing the machine")
+		return nil
+	}
+	ctrl.LoggerFrom(ctx).Info("in-place upgrade requested", "host", host.Name, "from", claim.Image.URL, "to", am.Spec.Image.URL)
+	claim.Image = am.Spec.Image.DeepCopy()
+	// The update carries the host's resourceVersion: a conflict re-reads and retries.
+	if err := r.Client.Update(ctx, host); err != nil {
+		return err
+	}
+	return nil
 }
 
 // claimHost chooses and claims a host with an update that carries the host's
@@ -315,6 +363,15 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	req := placement.Request{Hardware: am.Spec.Hardware, FailureDomainLabel: r.failureDomainLabel(ctx, cluster)}
 	if machine.Spec.FailureDomain != "" {
 		req.FailureDomain = machine.Spec.FailureDomain
+	} else {
+		// Spreading counts the hosts the cluster holds (not among the claimable ones).
+		held := &infrav1.AnvilHostList{}
+		if err := r.Client.List(ctx, held, client.InNamespace(am.Namespace), client.MatchingFields{clusterHostIndex: machine.Spec.ClusterName},
+			client.UnsafeDisableDeepCopy); err != nil {
+			return nil, ctrl.Result{}, err
+		}
+		req.SpreadCluster = machine.Spec.ClusterName
+		req.ClusterLoad = placement.ClusterLoad(held.Items, req.FailureDomainLabel, machine.Spec.ClusterName)
 	}
 	if am.Spec.HostSelector != nil {
 		sel, err := metav1.LabelSelectorAsSelector(am.Spec.HostSelector)

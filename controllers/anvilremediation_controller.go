@@ -8,6 +8,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kerrors "k8s.io/apimachinery/pkg/util/errors"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
+	"sigs.k8s.io/cluster-api/controllers/clustercache"
 	"sigs.k8s.io/cluster-api/util"
 	"sigs.k8s.io/cluster-api/util/conditions"
 	"sigs.k8s.io/cluster-api/util/patch"
@@ -15,6 +16,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 )
@@ -25,6 +27,9 @@ import (
 // owner for replacement and send the host to repair.
 type AnvilRemediationReconciler struct {
 	Client client.Client
+	// ClusterCache reaches the workload clusters to taint the Node out of service while
+	// its server is power-cycled; nil skips the taint.
+	ClusterCache clustercache.ClusterCache
 }
 
 // SetupWithManager registers the controller.
@@ -39,8 +44,17 @@ func (r *AnvilRemediationReconciler) Reconcile(ctx context.Context, req ctrl.Req
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	machine, err := util.GetOwnerMachine(ctx, r.Client, rem.ObjectMeta)
-	if err != nil || machine == nil {
+	if err != nil {
 		return ctrl.Result{}, err
+	}
+	if machine == nil {
+		if !rem.DeletionTimestamp.IsZero() && controllerutil.ContainsFinalizer(rem, infrav1.RemediationFinalizer) {
+			// The machine (and its Node) went first: there is no taint left to remove.
+			patch := client.MergeFrom(rem.DeepCopy())
+			controllerutil.RemoveFinalizer(rem, infrav1.RemediationFinalizer)
+			return ctrl.Result{}, r.Client.Patch(ctx, rem, patch)
+		}
+		return ctrl.Result{}, nil
 	}
 	cluster, err := util.GetClusterFromMetadata(ctx, r.Client, machine.ObjectMeta)
 	if err != nil {
@@ -59,12 +73,26 @@ func (r *AnvilRemediationReconciler) Reconcile(ctx context.Context, req ctrl.Req
 		}
 	}()
 	if !rem.DeletionTimestamp.IsZero() {
-		return ctrl.Result{}, nil // the MachineHealthCheck saw the node recover
+		return r.reconcileDelete(ctx, cluster, machine, rem)
 	}
-	return r.reconcileNormal(ctx, machine, rem)
+	if r.ClusterCache != nil && controllerutil.AddFinalizer(rem, infrav1.RemediationFinalizer) {
+		return ctrl.Result{RequeueAfter: time.Millisecond}, nil // the finalizer is written before any taint
+	}
+	return r.reconcileNormal(ctx, cluster, machine, rem)
 }
 
-func (r *AnvilRemediationReconciler) reconcileNormal(ctx context.Context, machine *clusterv1.Machine, rem *infrav1.AnvilRemediation) (ctrl.Result, error) {
+// reconcileDelete runs when the MachineHealthCheck saw the node recover (it deletes the
+// remediation) or the machine goes: the node is back in service.
+func (r *AnvilRemediationReconciler) reconcileDelete(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, rem *infrav1.AnvilRemediation) (ctrl.Result, error) {
+	if err := r.setOutOfService(ctx, cluster, machine, false); err != nil {
+		setCondition(rem, "OutOfService", true, "UntaintFailed", err.Error())
+		return ctrl.Result{RequeueAfter: 5 * time.Second}, nil
+	}
+	controllerutil.RemoveFinalizer(rem, infrav1.RemediationFinalizer)
+	return ctrl.Result{}, nil
+}
+
+func (r *AnvilRemediationReconciler) reconcileNormal(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, rem *infrav1.AnvilRemediation) (ctrl.Result, error) {
 	if rem.Status.Phase == infrav1.RemediationFailed {
 		return ctrl.Result{}, nil
 	}
@@ -86,6 +114,15 @@ func (r *AnvilRemediationReconciler) reconcileNormal(ctx context.Context, machin
 		}
 	}
 	if rem.Status.RetryCount < rem.Spec.RetryLimit {
+		// Out of service before the power goes: its pods and volumes move now, not after
+		// the usual five minutes of an unreachable node.
+		if err := r.setOutOfService(ctx, cluster, machine, true); err != nil {
+			setCondition(rem, "OutOfService", false, "TaintFailed", err.Error())
+			return ctrl.Result{RequeueAfter: 5 * time.Second}, nil
+		}
+		if r.ClusterCache != nil && machine.Status.NodeRef.IsDefined() {
+			setCondition(rem, "OutOfService", true, "Tainted", "node "+machine.Status.NodeRef.Name+" has the out-of-service taint until it recovers")
+		}
 		rem.Status.RetryCount++
 		if host.Annotations == nil {
 			host.Annotations = map[string]string{}

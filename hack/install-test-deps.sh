@@ -28,6 +28,10 @@ wanted=(
   tftp-hpa:tftp
   atftp:atftp
   ipxe:/usr/lib/ipxe/undionly.kpxe
+  qemu-system-x86:qemu-system-x86_64
+  ipxe-qemu:/usr/lib/ipxe/qemu/efi-e1000.rom
+  ovmf:/usr/share/ovmf/OVMF.fd
+  binutils:ld
   kea-admin:perfdhcp
   iproute2:ip
 )

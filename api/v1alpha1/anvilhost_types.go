@@ -227,17 +227,19 @@ type AnvilHostSpec struct {
 }
 
 // HostState is the lifecycle state of a host.
-// +kubebuilder:validation:Enum=Registering;Inspecting;Available;Provisioning;Provisioned;Deprovisioning;Maintenance;Retiring;Retired;Deleting
+// +kubebuilder:validation:Enum=Registering;Inspecting;Available;Provisioning;Provisioned;Upgrading;Deprovisioning;Maintenance;Retiring;Retired;Deleting
 type HostState string
 
 // The host lifecycle. Registering → Inspecting → Available ⇄ Provisioning → Provisioned →
-// Deprovisioning → Available; Maintenance from anywhere; Retiring → Retired is terminal.
+// Deprovisioning → Available; Provisioned → Upgrading → Provisioned writes a new image into the
+// inactive A/B slot; Maintenance from anywhere; Retiring → Retired is terminal.
 const (
 	HostStateRegistering    HostState = "Registering"
 	HostStateInspecting     HostState = "Inspecting"
 	HostStateAvailable      HostState = "Available"
 	HostStateProvisioning   HostState = "Provisioning"
 	HostStateProvisioned    HostState = "Provisioned"
+	HostStateUpgrading      HostState = "Upgrading"
 	HostStateDeprovisioning HostState = "Deprovisioning"
 	HostStateMaintenance    HostState = "Maintenance"
 	HostStateRetiring       HostState = "Retiring"

@@ -5,6 +5,10 @@ import (
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 )
 
+// RemediationFinalizer keeps an AnvilRemediation until its Node's out-of-service taint is
+// removed.
+const RemediationFinalizer = "anvilremediation.infrastructure.cluster.x-k8s.io"
+
 // AnvilRemediationSpec says how hard to try a power cycle before giving a machine back to
 // Cluster API for replacement.
 type AnvilRemediationSpec struct {

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/agent"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/agentloop"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/agentapi"
 )
@@ -25,6 +26,8 @@ func main() {
 	noReboot := flag.Bool("no-reboot", os.Getpid() != 1, "Exit instead of rebooting or powering off (default unless PID 1).")
 	flag.Parse()
 	log := zap.New(zap.UseDevMode(false))
+	// One thread per stage of an install's pipeline, also on machines with fewer CPUs.
+	agent.EnsureProcs()
 
 	if os.Getpid() == 1 {
 		if err := mountKernelFilesystems(); err != nil {

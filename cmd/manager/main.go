@@ -83,13 +83,13 @@ func parseFlags(args []string) (options, error) {
 	fs.BoolVar(&o.allowLocalImages, "allow-local-images", false, "Accept image URLs on loopback or link-local addresses (labs only).")
 	fs.StringVar(&o.provisioner, "provisioner", "agent", "Provisioning backend: agent (network-boot the Anvil agent) or simulated (BMC only; for tests and demos).")
 	fs.StringVar(&o.bootHTTPAddress, "boot-http-address", ":8081", "Address of the boot HTTP endpoints (iPXE scripts, artifacts, image cache, agent API).")
-	fs.StringVar(&o.bootPublicURL, "boot-public-url", "", "How servers on the provisioning network reach the boot HTTP endpoints, e.g. http://192.168.10.1:8081.")
+	fs.StringVar(&o.bootPublicURL, "boot-public-url", "", "How servers on the provisioning network reach the boot HTTP endpoints, e.g. http://192.168.10.1:8081; auto: http://<provisioning IP>:<boot HTTP port>.")
 	fs.StringVar(&o.artifactsDir, "agent-artifacts-dir", "/usr/share/anvil/agent", "Directory with the agent kernel (vmlinuz) and initramfs.")
 	fs.StringVar(&o.imageCacheDir, "image-cache-dir", "/var/cache/anvil/images", "Directory of the pull-through image cache.")
 	fs.Int64Var(&o.imageCacheBytes, "image-cache-bytes", 50<<30, "Size limit of the image cache in bytes.")
 	fs.StringVar(&o.dhcpMode, "dhcp-mode", "off", "DHCP on the provisioning network: proxy (beside the site's DHCP), reservation (addresses from spec.bootNetwork), or off.")
-	fs.StringVar(&o.dhcpInterface, "dhcp-interface", "", "Interface on the provisioning network (required unless --dhcp-mode=off).")
-	fs.StringVar(&o.provisioningIP, "provisioning-ip", "", "This machine's address on the provisioning network (DHCP server id and TFTP server).")
+	fs.StringVar(&o.dhcpInterface, "dhcp-interface", "", "Interface on the provisioning network (required unless --dhcp-mode=off; none: no interface).")
+	fs.StringVar(&o.provisioningIP, "provisioning-ip", "", "This machine's address on the provisioning network (DHCP server id and TFTP server); auto: the first IPv4 address of --dhcp-interface.")
 	fs.StringVar(&o.tftpDir, "tftp-dir", "/usr/lib/ipxe", "Directory with the iPXE binaries served over TFTP.")
 	fs.IntVar(&o.webhookPort, "webhook-port", 9443, "Port the webhook server listens on.")
 	fs.StringVar(&o.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory holding the webhook serving certificate.")
@@ -104,6 +104,10 @@ func main() {
 	}
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&o.zapOptions)))
 	setupLog := ctrl.Log.WithName("setup")
+	if err := resolveBootNetwork(&o, systemInterfaceAddrs); err != nil {
+		setupLog.Error(err, "boot network settings")
+		os.Exit(2)
+	}
 
 	scheme := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, clusterv1.AddToScheme, infrav1.AddToScheme} {
@@ -153,6 +157,7 @@ func main() {
 	ctrlmetrics.Registry.MustRegister(controllers.NewHostStateCollector(mgr.GetClient()))
 	wake := make(chan event.TypedGenericEvent[*infrav1.AnvilHost], 1024)
 	var provisioner hoststate.Provisioner = hoststate.Simulated{}
+	var bootReports hoststate.BootReportSource
 	switch o.provisioner {
 	case "simulated":
 	case "agent":
@@ -176,7 +181,7 @@ func main() {
 			setupLog.Error(err, "adding the boot services")
 			os.Exit(1)
 		}
-		provisioner = boot.Backend
+		provisioner, bootReports = boot.Backend, boot.Backend
 	default:
 		setupLog.Error(nil, "--provisioner must be agent or simulated", "provisioner", o.provisioner)
 		os.Exit(2)
@@ -185,7 +190,7 @@ func main() {
 		Client:   mgr.GetClient(),
 		Recorder: mgr.GetEventRecorder("anvilhost-controller"),
 		Pool:     pool,
-		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: provisioner,
+		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: provisioner, BootReports: bootReports,
 			PowerSyncInterval: o.powerSyncInterval},
 		BMCTimeout:       o.bmcTimeout,
 		WatchFilterValue: o.watchFilterValue,
@@ -208,7 +213,12 @@ func main() {
 		os.Exit(1)
 	}
 
-	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
+	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, o.watchFilterValue)
+	if err != nil {
+		setupLog.Error(err, "setting up the workload clusters' cache")
+		os.Exit(1)
+	}
+	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient(), ClusterCache: clusterCache}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
 		setupLog.Error(err, "setting up the AnvilRemediation controller")
 		os.Exit(1)
 	}

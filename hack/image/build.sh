@@ -15,6 +15,8 @@
 #   ARCH      target architecture (default amd64)
 #   IPXE_DIR  where Debian's ipxe package put its binaries (default /usr/lib/ipxe); they are
 #             added at /usr/share/anvil/ipxe when present, skipped otherwise. "" to never add.
+#   AGENT_DIR directory with the agent's vmlinuz and initramfs (default out/agent), added at
+#             /usr/share/anvil/agent when both are there; the directory is created either way.
 #   KOCACHE   ko's cache (default ~/.cache/anvil/ko, shared by all clones on the machine)
 #
 # How it works offline: ko can only take a base image from a registry, the Docker daemon, or
@@ -29,6 +31,7 @@ IMAGE="${IMAGE:-ghcr.io/anvil-metal/cluster-api-provider-anvil}"
 TAG="${TAG:-dev}"
 ARCH="${ARCH:-amd64}"
 IPXE_DIR="${IPXE_DIR-/usr/lib/ipxe}"
+AGENT_DIR="${AGENT_DIR-out/agent}"
 export KOCACHE="${KOCACHE:-${ANVIL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/anvil}/ko}"
 
 cd "$root"
@@ -59,7 +62,7 @@ fi
 
 ko="$(ensure_ko)"
 imagetool="$(ensure_imagetool)"
-base="$("$imagetool" base --layout "$KOCACHE/img" --arch "$ARCH" --ipxe-dir "$IPXE_DIR")"
+base="$("$imagetool" base --layout "$KOCACHE/img" --arch "$ARCH" --ipxe-dir "$IPXE_DIR" --agent-dir "$AGENT_DIR")"
 log "base image $base (from ko's cache at $KOCACHE/img)"
 
 # Write next to the target and rename, so a failed build never leaves a truncated tarball

@@ -7,6 +7,8 @@ import (
 	"hash"
 	"io"
 	"os"
+	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -20,17 +22,35 @@ const (
 	// DefaultChunkSize is the size of each write: large, and a multiple of every sector and
 	// erase-block size, so writes stay aligned when the target offset is.
 	DefaultChunkSize = 4 << 20
-	// pipelineDepth buffers are in flight: one being filled (decompressed), one being
-	// hashed and written, one spare so neither side waits on the other's jitter.
-	pipelineDepth = 3
-	directIOAlign = 4096
+	// pipelineMemory is what the buffers circulating between the copy's stages add up to:
+	// pipelineMemory/ChunkSize of them (at least minPipelineDepth), one being filled by the
+	// decoder, others being hashed and written, the rest absorbing the stages' jitter.
+	// They bound the copy's memory.
+	pipelineMemory   = 16 << 20
+	minPipelineDepth = 4
+	directIOAlign    = 4096
 )
 
-// chunk is one buffer travelling from the reader to the writer.
+// pipelineShape returns how many buffers of chunkSize circulate, and how many writes may be
+// in flight at once: with O_DIRECT, a write returns only once the device has the data, and
+// one at a time would leave the device idle in between, so half of the buffers may be
+// waiting on the device; buffered writes return as soon as the page cache has the data, and
+// one writer keeps them in order.
+func pipelineShape(chunkSize int, direct bool) (depth, writers int) {
+	depth = max(minPipelineDepth, pipelineMemory/chunkSize)
+	if !direct {
+		return depth, 1
+	}
+	return depth, depth / 2
+}
+
+// chunk is one buffer travelling from the decoder to the hasher and the writer; it goes
+// back to the free pool when both are done with it.
 type chunk struct {
-	buf []byte
-	n   int
-	off int64
+	buf  []byte
+	n    int
+	off  int64
+	refs atomic.Int32
 }
 
 // alignedBuffer returns a size-byte slice whose start is aligned for O_DIRECT.
@@ -48,15 +68,18 @@ func alignedBuffer(size int) []byte {
 type writeTarget struct {
 	f      *os.File
 	direct *os.File
-	base   int64
-	limit  int64
+	// directOff is set when the target refused an O_DIRECT write: the rest goes through
+	// the page cache.
+	directOff atomic.Bool
+	base      int64
+	limit     int64
 	// skip keeps the first skip bytes of the image out of the target and in head instead
 	// (whole-disk installs write the partition table last).
 	skip int64
 	head []byte
 }
 
-func (w *writeTarget) writeChunk(c chunk) error {
+func (w *writeTarget) writeChunk(c *chunk) error {
 	data := c.buf[:c.n]
 	off := c.off
 	if w.skip > 0 && off < w.skip {
@@ -67,13 +90,30 @@ func (w *writeTarget) writeChunk(c chunk) error {
 			return nil
 		}
 	}
-	f := w.f
-	if w.direct != nil && len(data)%directIOAlign == 0 && (w.base+off)%directIOAlign == 0 &&
+	if w.direct != nil && !w.directOff.Load() && len(data)%directIOAlign == 0 && (w.base+off)%directIOAlign == 0 &&
 		uintptr(unsafe.Pointer(&data[0]))%directIOAlign == 0 { //nolint:gosec // only the address's alignment is read
-		f = w.direct
+		_, err := w.direct.WriteAt(data, w.base+off)
+		if !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		// Opened with O_DIRECT but refusing this write (some filesystems, odd logical
+		// block sizes): O_DIRECT is an optimisation only.
+		w.directOff.Store(true)
 	}
-	_, err := f.WriteAt(data, w.base+off)
-	return err
+	if _, err := w.f.WriteAt(data, w.base+off); err != nil {
+		return err
+	}
+	// Start writing these pages back now rather than at the final fsync: the disk works
+	// while the next chunks are downloaded and decompressed, the fsync at the end finds
+	// little left to do, and dirty pages do not pile up in the agent's RAM. This only
+	// starts the writeback: durability still comes from the fsync, which also reports any
+	// write error. Where the call is not supported it does nothing.
+	if rc, err := w.f.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			_ = unix.SyncFileRange(int(fd), w.base+off, int64(len(data)), unix.SYNC_FILE_RANGE_WRITE)
+		})
+	}
+	return nil
 }
 
 // copyResult is what copyImage saw.
@@ -82,79 +122,176 @@ type copyResult struct {
 	Sum     []byte
 }
 
-// copyImage streams src into the target: src is read (decompressed) into large buffers on
-// this goroutine while a second goroutine hashes and writes the previous buffer. Nothing
-// beyond the target's limit is written: the first byte that would not fit ends the copy
-// with ErrImageTooLarge.
+// copyImage streams src into the target as a pipeline joined by a small pool of large
+// buffers: this goroutine reads src (the decompressor) into a free buffer and hands it to
+// a hasher and a writer, which work on it at the same time, each taking the buffers in
+// order; a buffer returns to the pool when both are done with it. Decompression, hashing
+// and writing thus overlap, memory stays bounded by the pool (see pipelineShape), and the
+// data is not copied beyond the decoder's output. (O_DIRECT writes, which wait for the
+// device, run on several goroutines and may complete out of order.)
+//
+// Nothing beyond the target's limit is written: the first byte that would not fit ends the
+// copy with ErrImageTooLarge. A read error wins over a write error; a failed write stops
+// the reading early. progress is called with the bytes written so far, never concurrently,
+// from a goroutine of its own (see progressReporter); it has had its last call when
+// copyImage returns.
 func copyImage(ctx context.Context, src io.Reader, w *writeTarget, h hash.Hash, chunkSize int, progress func(written int64)) (copyResult, error) {
-	free := make(chan []byte, pipelineDepth)
-	for i := 0; i < pipelineDepth; i++ {
-		free <- alignedBuffer(chunkSize)
+	pipelineDepth, writers := pipelineShape(chunkSize, w.direct != nil)
+	free := make(chan *chunk, pipelineDepth)
+	for range pipelineDepth {
+		free <- &chunk{buf: alignedBuffer(chunkSize)}
 	}
-	work := make(chan chunk, pipelineDepth)
-	done := make(chan error, 1)
-	go func() {
-		var err error
-		for c := range work {
-			if err == nil {
-				h.Write(c.buf[:c.n])
-				err = w.writeChunk(c)
-			}
-			free <- c.buf
+	release := func(c *chunk) {
+		if c.refs.Add(-1) == 0 {
+			free <- c // never blocks: free has room for every chunk there is
 		}
-		done <- err
+	}
+	// Both queues have room for every chunk there is: handing one over never blocks.
+	toHash := make(chan *chunk, pipelineDepth)
+	toWrite := make(chan *chunk, pipelineDepth)
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for c := range toHash {
+			h.Write(c.buf[:c.n])
+			release(c)
+		}
 	}()
+
+	var (
+		failOnce    sync.Once
+		writeErr    error // set once, before writeFailed closes
+		writeFailed = make(chan struct{})
+	)
+	fail := func(err error) {
+		failOnce.Do(func() {
+			writeErr = err
+			close(writeFailed)
+		})
+	}
+	report := startProgress(progress)
+	for range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range toWrite {
+				select {
+				case <-writeFailed: // drain: nothing more is written once a write failed
+				default:
+					if err := w.writeChunk(c); err != nil {
+						fail(err)
+					} else {
+						report.add(int64(c.n))
+					}
+				}
+				release(c)
+			}
+		}()
+	}
+
 	er := &eofReader{r: src}
-	src = er
 	var off int64
 	var readErr error
-	for {
-		if err := ctx.Err(); err != nil {
-			readErr = err
-			break
-		}
-		var buf []byte
+	for readErr == nil {
+		var c *chunk
 		select {
-		case buf = <-free:
+		case c = <-free:
 		case <-ctx.Done():
 			readErr = ctx.Err()
+			continue
+		case <-writeFailed:
+			readErr = errWriteFailed
+			continue
 		}
-		if readErr != nil {
-			break
-		}
-		n, err := io.ReadFull(src, buf)
-		if n > 0 {
-			if off+int64(n) > w.limit {
-				readErr = fmt.Errorf("%w: more than %d bytes", ErrImageTooLarge, w.limit)
-				free <- buf
-				break
-			}
-			work <- chunk{buf: buf, n: n, off: off}
-			off += int64(n)
-			if progress != nil {
-				progress(off)
-			}
-		} else {
-			free <- buf
-		}
-		if err != nil && er.eof {
-			break // the stream ended cleanly (io.ReadFull turns a short final read into ErrUnexpectedEOF)
-		}
-		if err != nil {
+		if err := ctx.Err(); err != nil {
+			free <- c
 			readErr = err
-			break
+			continue
+		}
+		n, err := io.ReadFull(er, c.buf)
+		switch {
+		case n == 0:
+			free <- c
+		case off+int64(n) > w.limit:
+			free <- c
+			readErr = fmt.Errorf("%w: more than %d bytes", ErrImageTooLarge, w.limit)
+			continue
+		default:
+			c.n, c.off = n, off
+			c.refs.Store(2)
+			toHash <- c
+			toWrite <- c
+			off += int64(n)
+		}
+		switch {
+		case err != nil && er.eof:
+			// The stream ended cleanly (io.ReadFull turns a short final read into
+			// ErrUnexpectedEOF).
+			readErr = io.EOF
+		case err != nil:
+			readErr = err
 		}
 	}
-	close(work)
-	writeErr := <-done
-	if readErr != nil {
+	close(toHash)
+	close(toWrite)
+	wg.Wait()
+	report.stop()
+	switch {
+	case readErr != io.EOF && readErr != errWriteFailed: //nolint:errorlint // the loop's own sentinels, never wrapped
 		return copyResult{Written: off}, readErr
-	}
-	if writeErr != nil {
+	case writeErr != nil:
 		return copyResult{Written: off}, fmt.Errorf("writing: %w", writeErr)
 	}
 	return copyResult{Written: off, Sum: h.Sum(nil)}, nil
 }
+
+// progressReporter calls a progress function with the bytes written so far, on a goroutine
+// of its own: the agent reports progress to its API over the network, and a slow report must
+// not hold up the writes. Counts that arrive while the function runs are merged into its
+// next call; the last count is always reported, and no count twice.
+type progressReporter struct {
+	fn      func(written int64)
+	written atomic.Int64
+	kick    chan struct{}
+	done    chan struct{}
+}
+
+// startProgress starts the reporter; fn may be nil (nothing is reported).
+func startProgress(fn func(written int64)) *progressReporter {
+	p := &progressReporter{fn: fn, kick: make(chan struct{}, 1), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		var last int64
+		for range p.kick {
+			if n := p.written.Load(); n != last && p.fn != nil {
+				last = n
+				p.fn(n)
+			}
+		}
+	}()
+	return p
+}
+
+// add counts n more bytes written.
+func (p *progressReporter) add(n int64) {
+	p.written.Add(n)
+	select {
+	case p.kick <- struct{}{}:
+	default: // a report is pending already; it will see this count
+	}
+}
+
+// stop waits for the last report; add must not be called afterwards.
+func (p *progressReporter) stop() {
+	close(p.kick)
+	<-p.done
+}
+
+// errWriteFailed ends the reading when a write failed; the write's error is what is
+// reported.
+var errWriteFailed = errors.New("a write failed")
 
 // eofReader records whether its source ended with io.EOF itself, which tells a clean end
 // from a decoder's io.ErrUnexpectedEOF (a truncated compressed stream): io.ReadFull reports

@@ -110,13 +110,14 @@ type imageServer struct {
 	blobs    map[string][]byte
 	etags    map[string]string
 	drops    map[string][]int64 // per path: byte counts at which successive responses die
+	swaps    map[string][]byte  // per path: new content put in place when a response dies
 	requests atomic.Int64
 	ranges   []string
 }
 
 func newImageServer(t *testing.T) *imageServer {
 	t.Helper()
-	s := &imageServer{blobs: map[string][]byte{}, etags: map[string]string{}, drops: map[string][]int64{}}
+	s := &imageServer{blobs: map[string][]byte{}, etags: map[string]string{}, drops: map[string][]int64{}, swaps: map[string][]byte{}}
 	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
 	t.Cleanup(s.Close)
 	return s
@@ -137,9 +138,18 @@ func (s *imageServer) dropAt(name string, at ...int64) {
 	s.drops[name] = append(s.drops[name], at...)
 }
 
+// swapOnDrop replaces the blob with b when its next response dies (dropAt), before the
+// client can reconnect: the image changes between two attempts of a download.
+func (s *imageServer) swapOnDrop(name string, b []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.swaps[name] = b
+}
+
 type abortWriter struct {
 	http.ResponseWriter
-	left int64
+	left    int64
+	onAbort func()
 }
 
 func (a *abortWriter) Write(p []byte) (int, error) {
@@ -150,6 +160,9 @@ func (a *abortWriter) Write(p []byte) (int, error) {
 			f.Flush()
 		}
 		_ = n
+		if a.onAbort != nil {
+			a.onAbort()
+		}
 		panic(http.ErrAbortHandler) // net/http closes the connection mid-body
 	}
 	a.left -= int64(len(p))
@@ -174,7 +187,17 @@ func (s *imageServer) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("ETag", etag)
 	if drop >= 0 {
-		w = &abortWriter{ResponseWriter: w, left: drop}
+		aw := &abortWriter{ResponseWriter: w, left: drop}
+		aw.onAbort = func() {
+			s.mu.Lock()
+			swap, ok := s.swaps[name]
+			delete(s.swaps, name)
+			s.mu.Unlock()
+			if ok {
+				s.put(name, swap)
+			}
+		}
+		w = aw
 	}
 	http.ServeContent(w, r, name, time.Unix(1700000000, 0), bytes.NewReader(b))
 }

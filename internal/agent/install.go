@@ -13,6 +13,8 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -69,12 +71,22 @@ type InstallOptions struct {
 	RetryBackoff time.Duration
 	// ChunkSize of each write (default 4 MiB).
 	ChunkSize int
-	// DirectIO writes full chunks with O_DIRECT (bypassing the page cache) where the
-	// target supports it.
-	DirectIO bool
-	// Progress is called after every chunk written.
+	// BufferedWrites writes the image through the page cache, starting each chunk's
+	// writeback right away rather than leaving it to the final fsync. By default full,
+	// aligned chunks are written with O_DIRECT instead, several at a time, where the target
+	// (block device or image file) accepts it; the rest (the image's last, partial chunk,
+	// and everything once the target refused an O_DIRECT write) goes through the page
+	// cache. O_DIRECT saves the kernel's copy of every byte into the page cache and the
+	// writeback's work (2.9 against 4.4 s of CPU per GiB installed, 4 GiB image, make
+	// bench) and keeps the page cache out of the agent's RAM; the writes in flight keep the
+	// device busy while each of them waits for it.
+	BufferedWrites bool
+	// Progress is called as chunks are written, never concurrently, from a goroutine that
+	// does not hold up the writes (reports that pile up while it runs are merged into one);
+	// the last report, with every byte written, comes before Install returns.
 	Progress func(Progress)
-	// Decompressor picks the decoder implementation (default: the C tool when on PATH).
+	// Decompressor picks the decoder implementation (default: built in, but the xz command
+	// for xz images when it is on PATH; see DecompressorAuto).
 	Decompressor Decompressor
 }
 
@@ -113,6 +125,11 @@ type Result struct {
 // matched. Any failure (bad checksum, truncated or oversized image, unsupported format,
 // download errors) leaves the active slot, DATA, CONFIG and the boot configuration as they
 // were; only the inactive slot may hold partial data, and it is never armed.
+//
+// The data path is a pipeline: the download runs on a goroutine of its own, the decoder on
+// another, and each decompressed chunk is hashed and written at the same time by two more,
+// through a fixed pool of ChunkSize buffers, so memory does not grow with the image.
+// Writes bypass the page cache where the target allows (see InstallOptions.BufferedWrites).
 //
 // Whole-disk images replace the disk's content. The first MiB of the image (its partition
 // table) is kept in memory and written last, after the checksum matched, and the disk's old
@@ -176,11 +193,39 @@ func Install(ctx context.Context, src ImageSource, target string, opts InstallOp
 	client := src.Client
 	if client == nil {
 		client = defaultClient()
+		// Its kept-alive connection (and the goroutines serving it) would outlive the
+		// install otherwise.
+		defer client.CloseIdleConnections()
 	}
-	body := newResumableBody(ctx, client, src.URL, src.Header, opts.MaxRetries, opts.RetryBackoff)
-	defer func() { _ = body.Close() }()
+	// The download runs under its own context, so that it can be stopped, wherever it
+	// is blocked, once the install is over.
+	dctx, stopDownload := context.WithCancel(ctx)
+	body := newResumableBody(dctx, client, src.URL, src.Header, opts.MaxRetries, opts.RetryBackoff)
 	var downloaded atomic.Int64
-	br := bufio.NewReaderSize(&countingReader{r: body, n: &downloaded}, 1<<20)
+	var in io.Reader = &countingReader{r: body, n: &downloaded}
+	var ra *readAhead
+	bufSize := 1 << 20
+	if src.Format != infrav1.ImageFormatRaw {
+		// Compressed images are downloaded on a goroutine of their own, ahead of the
+		// decoder. Raw images need no such stage: the copy reads the socket straight into
+		// its buffers, on a goroutine that has nothing else to do.
+		ra = startReadAhead(dctx, stopDownload, in)
+		in, bufSize = ra, 64<<10
+	}
+	var closeDec func()
+	defer func() {
+		// In this order: the download stops first, so that nothing (an external
+		// decompressor's input, say) still waits on it while the decoder is closed.
+		if ra != nil {
+			ra.close()
+		}
+		stopDownload()
+		if closeDec != nil {
+			closeDec()
+		}
+		_ = body.Close()
+	}()
+	br := bufio.NewReaderSize(in, bufSize)
 	head, err := br.Peek(64)
 	if len(head) == 0 {
 		if err == nil || errors.Is(err, io.EOF) {
@@ -191,18 +236,17 @@ func Install(ctx context.Context, src ImageSource, target string, opts InstallOp
 	if err := checkFormat(src.Format, head); err != nil {
 		return nil, err
 	}
+	// The total is known once the first bytes arrived (and does not change afterwards).
+	total := body.total
 	known := src.Size
 	switch src.Format {
 	case infrav1.ImageFormatRaw:
-		known = max(known, body.total)
+		known = max(known, total)
 	case infrav1.ImageFormatZstd:
 		known = max(known, zstdContentSize(head))
 	}
 	var dec io.Reader
-	var closeDec func()
-	external := src.Format != infrav1.ImageFormatRaw && opts.Decompressor != DecompressorGo &&
-		(opts.Decompressor == DecompressorExternal || externalCommand(src.Format) != nil)
-	if external {
+	if useExternal(src.Format, opts.Decompressor) {
 		dec, closeDec, err = externalDecoder(ctx, src.Format, br)
 	} else {
 		dec, closeDec, err = decoder(src.Format, br)
@@ -210,7 +254,6 @@ func Install(ctx context.Context, src ImageSource, target string, opts InstallOp
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnsupportedFormat, err)
 	}
-	defer closeDec()
 	if src.Layout == infrav1.ImageLayoutABRoot {
 		// A root slot takes a filesystem; a partitioned disk image there would never boot.
 		dbr := bufio.NewReaderSize(dec, 64<<10)
@@ -223,7 +266,7 @@ func Install(ctx context.Context, src ImageSource, target string, opts InstallOp
 
 	progress := func(written int64) {
 		if opts.Progress != nil {
-			opts.Progress(Progress{Downloaded: downloaded.Load(), DownloadTotal: body.total, Written: written, Resumes: body.Resumes})
+			opts.Progress(Progress{Downloaded: downloaded.Load(), DownloadTotal: total, Written: written, Resumes: body.Resumes()})
 		}
 	}
 	res := &Result{Disk: target, Layout: src.Layout, Checksum: sum.String()}
@@ -234,7 +277,7 @@ func Install(ctx context.Context, src ImageSource, target string, opts InstallOp
 	if err := run(ctx, d, dec, sum, known, src, opts, progress, res); err != nil {
 		return nil, err
 	}
-	res.Resumes = body.Resumes
+	res.Resumes = body.Resumes()
 	res.Duration = time.Since(start)
 	return res, nil
 }
@@ -280,7 +323,7 @@ func installAB(ctx context.Context, d *disk.Disk, dec io.Reader, sum Checksum, k
 		}
 	}
 	w := &writeTarget{f: d.File(), base: off, limit: size}
-	if opts.DirectIO && d.Block {
+	if !opts.BufferedWrites {
 		if w.direct = openDirect(d.Path); w.direct != nil {
 			defer func() { _ = w.direct.Close() }()
 		}
@@ -340,7 +383,7 @@ func installWholeDisk(ctx context.Context, d *disk.Disk, dec io.Reader, sum Chec
 		return err
 	}
 	w := &writeTarget{f: d.File(), base: 0, limit: d.Size, skip: headLen, head: make([]byte, headLen)}
-	if opts.DirectIO && d.Block {
+	if !opts.BufferedWrites {
 		if w.direct = openDirect(d.Path); w.direct != nil {
 			defer func() { _ = w.direct.Close() }()
 		}
@@ -490,4 +533,23 @@ func buildFAT16(d *disk.Disk, off, size int64, files []fat.File, firstLBA uint64
 		Type: fat.FAT16, Label: disk.ConfigDriveLabel, VolumeID: uint32(time.Now().UnixNano()), //nolint:gosec // any 32 bits do
 		HiddenSectors: uint32(min(firstLBA, 0xFFFFFFFF)),
 	}, files)
+}
+
+// installStages is how many stages of an install's pipeline keep a CPU busy at once:
+// download, decode, hash and write.
+const installStages = 4
+
+// EnsureProcs lets each stage of the install pipeline run on a thread of its own: it raises
+// GOMAXPROCS to installStages on machines with fewer CPUs (unless GOMAXPROCS is set in the
+// environment) and returns the value in force. With fewer Ps than busy stages, the stages
+// take turns on the Ps even while the OS has time for them; and when something else also
+// wants the CPUs, the kernel shares them out by thread, so a 2-P agent gets two threads'
+// worth against, say, the three of curl | zstd -d | dd. Measured on 2 shared CPUs
+// (bench_test.go child, 1 GiB): 4.75 s with 2 Ps, 4.02 s with 4 and the same CPU time,
+// against 3.96 s for the pipeline. The agent calls it at start-up; a library must not.
+func EnsureProcs() int {
+	if os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) < installStages {
+		runtime.GOMAXPROCS(installStages)
+	}
+	return runtime.GOMAXPROCS(0)
 }

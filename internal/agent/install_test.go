@@ -8,12 +8,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/disk"
@@ -202,6 +204,10 @@ func TestInstallFailuresKeepTheActiveSlot(t *testing.T) {
 	good := rootFS(t, 16*disk.MiB, "good")
 	truncatedZst := compress(t, infrav1.ImageFormatZstd, good)
 	truncatedZst = truncatedZst[:len(truncatedZst)/2]
+	// Damaged in the middle, not truncated: the decoder skips the frames' own checksums,
+	// the image's checksum still refuses it.
+	damagedZst := compress(t, infrav1.ImageFormatZstd, good)
+	damagedZst[len(damagedZst)/2] ^= 0x40
 	tooBig := make([]byte, testSlot+4096)
 	copy(tooBig[1080:], []byte{0x53, 0xEF})
 	qcow := append([]byte{'Q', 'F', 'I', 0xfb, 0, 0, 0, 3}, make([]byte, 4096)...)
@@ -223,6 +229,8 @@ func TestInstallFailuresKeepTheActiveSlot(t *testing.T) {
 			Checksum: "sha512:" + strings.Repeat("ab", 64)}, want: ErrChecksumMismatch, bTouched: true},
 		{name: "truncated compressed stream", src: ImageSource{URL: srv.put("trunc.zst", truncatedZst),
 			Checksum: sha256Of(good), Format: infrav1.ImageFormatZstd}, bTouched: true},
+		{name: "damaged compressed stream", src: ImageSource{URL: srv.put("damaged.zst", damagedZst),
+			Checksum: sha256Of(good), Format: infrav1.ImageFormatZstd}, bTouched: true},
 		{name: "truncated raw stream", src: ImageSource{URL: srv.put("trunc.raw", good[:len(good)-12345]),
 			Checksum: sha256Of(good)}, want: ErrChecksumMismatch, bTouched: true},
 		{name: "oversize raw (known size)", src: ImageSource{URL: srv.put("big.raw", tooBig), Checksum: sha256Of(tooBig)},
@@ -243,6 +251,7 @@ func TestInstallFailuresKeepTheActiveSlot(t *testing.T) {
 		{name: "not http", src: ImageSource{URL: "file:///etc/shadow", Checksum: sha256Of(good)}},
 		{name: "bad checksum syntax", src: ImageSource{URL: srv.put("ok2.raw", good), Checksum: "md5:abc"}},
 	}
+	base := runtime.NumGoroutine()
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			before := takeSnapshot(t, target)
@@ -270,6 +279,7 @@ func TestInstallFailuresKeepTheActiveSlot(t *testing.T) {
 			}
 		})
 	}
+	goroutinesSettle(t, base)
 	// And the active slot still boots: GRUB reads it.
 	if out, ok := grubFstest(t, target, "cat", "(loop0,gpt3)/etc/anvil-marker"); ok && out != "A" {
 		t.Fatalf("slot A marker %q", out)
@@ -333,18 +343,13 @@ func TestInstallResumesAfterDroppedConnections(t *testing.T) {
 		t.Fatalf("endless drops: %v", err)
 	}
 
-	// The image changes between attempts: If-Range catches it.
+	// The image changes between attempts (the server swaps it as the first response
+	// dies): If-Range catches it.
 	url3 := srv.put("r3.zst", zst)
 	srv.dropAt("r3.zst", n/2)
-	var once sync.Once
-	changed := compress(t, infrav1.ImageFormatZstd, raw[:len(raw)/2])
-	opts.Progress = func(p Progress) {
-		if p.Written > 0 {
-			once.Do(func() { srv.put("r3.zst", changed) })
-		}
-	}
+	srv.swapOnDrop("r3.zst", compress(t, infrav1.ImageFormatZstd, raw[:len(raw)/2]))
 	_, err = Install(context.Background(), ImageSource{URL: url3, Checksum: sha256Of(raw), Format: infrav1.ImageFormatZstd}, h.path("sda"), opts)
-	if !errors.Is(err, ErrImageChanged) && !errors.Is(err, ErrChecksumMismatch) {
+	if !errors.Is(err, ErrImageChanged) {
 		t.Fatalf("changed image: %v", err)
 	}
 }
@@ -515,4 +520,103 @@ func markGood(t *testing.T, target string, slot infrav1.Slot) {
 	if err := ab.MarkGood(slot); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestInstallWriteModes installs with O_DIRECT writes (the default: image files on a
+// filesystem that supports them take them too) and with buffered ones: an image whose size
+// is not a multiple of the chunk or sector size, so the last write goes through the page
+// cache, into an A/B slot and as a whole-disk image whose first MiB is written last.
+func TestInstallWriteModes(t *testing.T) {
+	for _, buffered := range []bool{false, true} {
+		t.Run(fmt.Sprintf("BufferedWrites=%v", buffered), func(t *testing.T) { testInstallWriteMode(t, buffered) })
+	}
+}
+
+func testInstallWriteMode(t *testing.T, buffered bool) {
+	h := newFakeHost(t, fakeDisk{name: "sda", size: 2 * disk.GiB})
+	target := h.path("sda")
+	srv := newImageServer(t)
+	base := runtime.NumGoroutine()
+	raw := rootFS(t, 8*disk.MiB, "direct")
+	raw = append(raw, bytes.Repeat([]byte("tail"), 1000)...) // 8 MiB + 4000 bytes
+	opts := testOpts()
+	opts.BufferedWrites = buffered
+	var last int64
+	opts.Progress = func(p Progress) {
+		if p.Written <= last {
+			t.Errorf("progress went from %d to %d", last, p.Written)
+		}
+		last = p.Written
+	}
+	res, err := Install(context.Background(), ImageSource{URL: srv.put("d.zst", compress(t, infrav1.ImageFormatZstd, raw)),
+		Checksum: sha256Of(raw), Format: infrav1.ImageFormatZstd}, target, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Written != int64(len(raw)) || last != int64(len(raw)) {
+		t.Fatalf("written %d, last progress %d, want %d", res.Written, last, len(raw))
+	}
+	d, _ := disk.OpenReadOnly(target)
+	ab, err := disk.OpenAB(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off, _ := ab.Range(ab.RootA)
+	_ = d.Close()
+	// O_DIRECT writes leave nothing in the page cache but the last, partial chunk.
+	if f := openDirect(target); f != nil {
+		_ = f.Close()
+		cached := residentBytes(t, target, off, int64(len(raw)))
+		if !buffered && cached > int64(opts.ChunkSize) {
+			t.Fatalf("%d bytes of the slot in the page cache after O_DIRECT writes", cached)
+		}
+		t.Logf("%d of %d bytes in the page cache", cached, len(raw))
+	}
+	if !bytes.Equal(readAt(t, target, off, len(raw)), raw) {
+		t.Fatal("slot A differs from the image")
+	}
+
+	// Whole disk: the image's GPT is held back and written after the checksum matched.
+	whole := make([]byte, 3*disk.MiB+512)
+	copy(whole[510:], []byte{0x55, 0xAA})
+	for i := int(disk.MiB); i < len(whole); i++ {
+		whole[i] = byte(i / 4093)
+	}
+	opts.ConfigDrive, last = nil, 0
+	src := ImageSource{URL: srv.put("w.gz", compress(t, infrav1.ImageFormatGzip, whole)), Checksum: sha256Of(whole),
+		Format: infrav1.ImageFormatGzip, Layout: infrav1.ImageLayoutWholeDisk}
+	if _, err := Install(context.Background(), src, target, opts); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAt(t, target, 0, len(whole)), whole) {
+		t.Fatal("disk differs from the whole-disk image")
+	}
+	// Nothing of either install is left running (kept-alive connections included).
+	goroutinesSettle(t, base)
+}
+
+// residentBytes tells how much of [off, off+n) of a file is in the page cache.
+func residentBytes(t *testing.T, path string, off, n int64) int64 {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	page := int64(os.Getpagesize())
+	start := off / page * page
+	m, err := unix.Mmap(int(f.Fd()), start, int(off+n-start), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = unix.Munmap(m) }()
+	vec := make([]byte, (len(m)+int(page)-1)/int(page))
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatal(errno)
+	}
+	var resident int64
+	for _, v := range vec {
+		resident += int64(v&1) * page
+	}
+	return resident
 }

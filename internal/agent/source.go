@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -33,9 +34,12 @@ type resumableBody struct {
 	total     int64 // full length, -1 when unknown
 	validator string
 	failures  int
-	// Resumes counts successful reconnects, for reports and tests.
-	Resumes int
+	// resumes counts successful reconnects (read by progress reports on other goroutines).
+	resumes atomic.Int32
 }
+
+// Resumes is how many times the download reconnected.
+func (r *resumableBody) Resumes() int { return int(r.resumes.Load()) }
 
 func newResumableBody(ctx context.Context, client *http.Client, url string, header http.Header, maxRetries int, backoff time.Duration) *resumableBody {
 	return &resumableBody{ctx: ctx, client: client, url: url, header: header, maxRetries: maxRetries, backoff: backoff, total: -1}
@@ -153,7 +157,7 @@ func (r *resumableBody) Read(p []byte) (int, error) {
 				continue
 			}
 			if r.off > 0 {
-				r.Resumes++
+				r.resumes.Add(1)
 			}
 		}
 		n, err := r.body.Read(p)
@@ -224,4 +228,101 @@ func redactURL(u string) string {
 		return s + "://" + rest
 	}
 	return u
+}
+
+// readAhead is the download stage of an install: a goroutine reads the image from src into
+// a few buffers, so socket reads and reconnects overlap with decompression instead of
+// taking turns with it on the decoder's goroutine. Read returns the data in order, then
+// src's final error. close stops the goroutine (it cancels the download's context, which
+// also ends a read blocked on the network) and waits for it.
+type readAhead struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	filled chan readAheadBuf
+	free   chan []byte
+	done   chan struct{}
+
+	cur  readAheadBuf // the buffer being consumed
+	rest []byte       // its unread part
+	err  error        // src's final error, once reached
+}
+
+type readAheadBuf struct {
+	b   []byte
+	err error
+}
+
+// Sizes of the download stage: what arrived ahead of the decoder, at most
+// readAheadBuffers reads of up to readAheadSize bytes, on top of the kernel's socket buffer.
+const (
+	readAheadBuffers = 4
+	readAheadSize    = 256 << 10
+)
+
+// startReadAhead starts reading src. cancel must cancel the context src's reads run under.
+func startReadAhead(ctx context.Context, cancel context.CancelFunc, src io.Reader) *readAhead {
+	ra := &readAhead{ctx: ctx, cancel: cancel, filled: make(chan readAheadBuf, readAheadBuffers),
+		free: make(chan []byte, readAheadBuffers), done: make(chan struct{})}
+	for range readAheadBuffers {
+		ra.free <- make([]byte, readAheadSize)
+	}
+	go ra.run(src)
+	return ra
+}
+
+func (ra *readAhead) run(src io.Reader) {
+	defer close(ra.done)
+	for {
+		var b []byte
+		select {
+		case b = <-ra.free:
+		case <-ra.ctx.Done():
+			return
+		}
+		// Hand over what each read returned, with src's error as it is. Waiting to fill
+		// the buffer would hold back data that has arrived while the network stalls; when
+		// the data flows faster than the decoder takes it, the socket has plenty queued
+		// and each read returns a large piece anyway.
+		n, err := src.Read(b)
+		if n == 0 && err == nil {
+			ra.free <- b // never blocks: this buffer came from free
+			continue
+		}
+		select {
+		case ra.filled <- readAheadBuf{b: b[:n], err: err}:
+		case <-ra.ctx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// Read implements io.Reader.
+func (ra *readAhead) Read(p []byte) (int, error) {
+	for len(ra.rest) == 0 {
+		if ra.err != nil {
+			return 0, ra.err
+		}
+		if ra.cur.b != nil {
+			ra.free <- ra.cur.b[:cap(ra.cur.b)] // never blocks: free has room for every buffer there is
+			ra.cur = readAheadBuf{}
+		}
+		select {
+		case ra.cur = <-ra.filled:
+		case <-ra.ctx.Done():
+			// Cancelled, or stopped by close (the install is over).
+			return 0, &DownloadError{ra.ctx.Err()}
+		}
+		ra.rest, ra.err = ra.cur.b, ra.cur.err
+	}
+	n := copy(p, ra.rest)
+	ra.rest = ra.rest[n:]
+	return n, nil
+}
+
+func (ra *readAhead) close() {
+	ra.cancel()
+	<-ra.done
 }

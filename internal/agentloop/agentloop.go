@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -121,7 +122,7 @@ func install(ctx context.Context, cfg Config, client *agentapi.Client, task agen
 	if err != nil {
 		return fmt.Errorf("bootstrap data: %w", err)
 	}
-	cd := &disk.ConfigDrive{UserData: userData, HealthGate: cfg.HealthGate, MetaData: disk.MetaData{
+	cd := &disk.ConfigDrive{UserData: userData, HealthGate: reportingGate(ctx, cfg, client), MetaData: disk.MetaData{
 		InstanceID: task.ConfigDrive.MetaData.InstanceID, LocalHostname: task.ConfigDrive.MetaData.LocalHostname,
 		ProviderID: task.ConfigDrive.MetaData.ProviderID}}
 	if task.ConfigDrive.NetworkConfig != "" {
@@ -146,6 +147,23 @@ func install(ctx context.Context, cfg Config, client *agentapi.Client, task agen
 	}
 	result.Slot, result.Disk, result.ImageChecksum = res.Slot, res.Disk, res.Checksum
 	return nil
+}
+
+// reportingGate is the configured health gate, with the report URL and this install's report
+// token when the boot services hand one out (older ones do not: the gate then only marks the
+// slot good, and Anvil learns nothing of the boot).
+func reportingGate(ctx context.Context, cfg Config, client *agentapi.Client) *disk.HealthGate {
+	if cfg.HealthGate == nil {
+		return nil
+	}
+	gate := *cfg.HealthGate
+	tok, err := client.ReportToken(ctx)
+	if err != nil {
+		cfg.Log.Info("no boot-report token; the installed OS will not report its boots", "reason", err.Error())
+		return &gate
+	}
+	gate.ReportURL, gate.ReportToken = strings.TrimSuffix(cfg.Params.APIURL, "/")+agentapi.PathBootReport, tok
+	return &gate
 }
 
 func wipe(ctx context.Context, cfg Config, client *agentapi.Client, task agentapi.Task) error {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -62,6 +63,9 @@ type Target struct {
 	InsecureSkipVerify bool
 	// Timeout bounds every single call to the BMC.
 	Timeout time.Duration
+	// ConnIdleTimeout closes an idle kept-alive connection (Redfish; default
+	// DefaultConnIdleTimeout).
+	ConnIdleTimeout time.Duration
 }
 
 // fingerprint identifies the credentials and endpoint a session was opened with, so a
@@ -78,6 +82,19 @@ func (t Target) fingerprint() string {
 
 // Dialer opens a session with a BMC (login included).
 type Dialer func(ctx context.Context, t Target) (Client, error)
+
+// Dial opens a session with the BMC the target names: Redfish through gofish (DialRedfish),
+// IPMI through bmclib's ipmitool provider (DialIPMI).
+func Dial(ctx context.Context, t Target) (Client, error) {
+	switch t.Address.Protocol {
+	case Redfish:
+		return DialRedfish(ctx, t)
+	case IPMI:
+		return DialIPMI(ctx, t)
+	default:
+		return nil, fmt.Errorf("%w: protocol %q", ErrUnsupported, t.Address.Protocol)
+	}
+}
 
 // Errors the pool and the controllers act on. Every error from this package wraps one of them
 // so callers can pick a condition reason without parsing text.

@@ -4,9 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -23,50 +21,24 @@ import (
 // spends about ten seconds discovering one on each invocation.
 const IPMICipherSuite = "3"
 
-// Driver names in bmclib's registry. Registry.For keeps exactly one: Using("redfish") would
-// also keep the Dell, Supermicro and OpenBMC drivers, and bmclib would try each in turn.
-const (
-	driverGofish   = "gofish"
-	driverIpmitool = "ipmitool"
-)
-
-// DialBMCLib opens a session through bmclib/v2: Redfish through its gofish provider, IPMI
-// through its ipmitool provider. Only the one provider that matches the address is enabled,
-// so a failure is never masked by a fallback to another protocol.
-func DialBMCLib(ctx context.Context, t Target) (Client, error) {
+// DialIPMI opens an IPMI session through bmclib/v2's ipmitool provider, the only provider
+// enabled, so a failure is never masked by a fallback to another protocol. (Redfish goes
+// through DialRedfish, which keeps one login and its connections for the whole session.)
+func DialIPMI(ctx context.Context, t Target) (Client, error) {
+	if t.Address.Protocol != IPMI {
+		return nil, fmt.Errorf("%w: protocol %q through bmclib", ErrUnsupported, t.Address.Protocol)
+	}
 	if t.Timeout <= 0 {
 		t.Timeout = 30 * time.Second
 	}
-	opts := []bmclib.Option{
+	c := bmclib.NewClient(t.Address.Host, t.Username, t.Password,
 		bmclib.WithLogger(logr.Discard()), // bmclib logs request details we don't control
 		bmclib.WithPerProviderTimeout(t.Timeout),
-	}
-	host := t.Address.Host
-	driver := driverIpmitool
-	switch t.Address.Protocol {
-	case Redfish:
-		driver = driverGofish
-		// bmclib prefixes https:// unless told otherwise; the port travels separately.
-		scheme := "https://"
-		if !t.Address.HTTPS {
-			scheme = "http://"
-		}
-		host = scheme + bracketIPv6(t.Address.Host)
-		opts = append(opts,
-			bmclib.WithHTTPClient(newHTTPClient(t)),
-			bmclib.WithRedfishPort(strconv.Itoa(t.Address.Port)),
-		)
-	case IPMI:
-		opts = append(opts,
-			bmclib.WithIpmitoolPort(strconv.Itoa(t.Address.Port)),
-			bmclib.WithIpmitoolCipherSuite(IPMICipherSuite),
-		)
-	default:
-		return nil, fmt.Errorf("%w: protocol %q", ErrUnsupported, t.Address.Protocol)
-	}
-
-	c := bmclib.NewClient(host, t.Username, t.Password, opts...)
-	c.Registry.Drivers = c.Registry.For(driver)
+		bmclib.WithIpmitoolPort(strconv.Itoa(t.Address.Port)),
+		bmclib.WithIpmitoolCipherSuite(IPMICipherSuite),
+	)
+	// Registry.For keeps exactly the one driver named.
+	c.Registry.Drivers = c.Registry.For("ipmitool")
 	openCtx, cancel := context.WithTimeout(ctx, t.Timeout)
 	defer cancel()
 	if err := c.Open(openCtx); err != nil {
@@ -76,34 +48,11 @@ func DialBMCLib(ctx context.Context, t Target) (Client, error) {
 	// bmclib's Open succeeds for ipmitool without talking to the BMC (it only checks the
 	// binary); one power read proves reachability and credentials before we call it a session.
 	bc := &bmclibClient{c: c, target: t}
-	if t.Address.Protocol == IPMI {
-		if _, err := bc.PowerState(openCtx); err != nil {
-			_ = c.Close(context.Background())
-			return nil, err
-		}
+	if _, err := bc.PowerState(openCtx); err != nil {
+		_ = c.Close(context.Background())
+		return nil, err
 	}
 	return bc, nil
-}
-
-func bracketIPv6(h string) string {
-	if strings.Contains(h, ":") {
-		return "[" + h + "]"
-	}
-	return h
-}
-
-// newHTTPClient verifies TLS against the host's CA bundle (or the system store) unless the
-// host explicitly opted out.
-func newHTTPClient(t Target) *http.Client {
-	transport := http.DefaultTransport.(*http.Transport).Clone()
-	transport.TLSClientConfig = &tls.Config{
-		MinVersion:         tls.VersionTLS12,
-		RootCAs:            t.CAPool,
-		InsecureSkipVerify: t.InsecureSkipVerify, //nolint:gosec // only from the host's explicit, surfaced opt-out
-	}
-	transport.MaxIdleConnsPerHost = 2
-	transport.IdleConnTimeout = 90 * time.Second
-	return &http.Client{Transport: transport, Timeout: t.Timeout}
 }
 
 type bmclibClient struct {
@@ -168,30 +117,15 @@ func (b *bmclibClient) SetBootDevice(ctx context.Context, device BootDevice, opt
 	return nil
 }
 
+// Inventory reads the FRU: bmclib's ipmitool provider has no inventory of its own.
 func (b *bmclibClient) Inventory(ctx context.Context) (*infrav1.HardwareInventory, error) {
 	ctx, cancel := b.call(ctx)
 	defer cancel()
-	if b.target.Address.Protocol == IPMI {
-		// bmclib's ipmitool provider has no inventory: read the FRU ourselves.
-		return ipmiFRUInventory(ctx, b.target)
-	}
-	return redfishInventory(ctx, b.target)
+	return ipmiFRUInventory(ctx, b.target)
 }
 
-func (b *bmclibClient) InsertVirtualMedia(ctx context.Context, url string) error {
-	if b.target.Address.Protocol != Redfish {
-		return fmt.Errorf("%w: virtual media needs Redfish", ErrUnsupported)
-	}
-	ctx, cancel := b.call(ctx)
-	defer cancel()
-	ok, err := b.c.SetVirtualMedia(ctx, "CD", url)
-	if err != nil {
-		return b.err(err)
-	}
-	if !ok {
-		return fmt.Errorf("%w: virtual media not acknowledged", ErrBMC)
-	}
-	return nil
+func (b *bmclibClient) InsertVirtualMedia(context.Context, string) error {
+	return fmt.Errorf("%w: virtual media needs Redfish", ErrUnsupported)
 }
 
 func (b *bmclibClient) Close(ctx context.Context) error {

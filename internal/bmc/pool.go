@@ -13,7 +13,7 @@ import (
 
 // PoolOptions tune BMC etiquette. Zero values take the defaults noted.
 type PoolOptions struct {
-	// Dial opens sessions; default DialBMCLib.
+	// Dial opens sessions; default Dial.
 	Dial Dialer
 	// MaxConcurrent caps BMC operations in flight across all BMCs (default 20).
 	MaxConcurrent int
@@ -21,6 +21,9 @@ type PoolOptions struct {
 	CallTimeout time.Duration
 	// IdleTimeout closes a session unused this long (default 5m).
 	IdleTimeout time.Duration
+	// ConnIdleTimeout closes a session's kept-alive connection unused this long (default
+	// DefaultConnIdleTimeout); the session itself stays open.
+	ConnIdleTimeout time.Duration
 	// BackoffBase and BackoffMax bound the jittered exponential back-off after failures
 	// (default 5s and 10m).
 	BackoffBase, BackoffMax time.Duration
@@ -36,7 +39,7 @@ type PoolOptions struct {
 
 func (o *PoolOptions) defaults() {
 	if o.Dial == nil {
-		o.Dial = DialBMCLib
+		o.Dial = Dial
 	}
 	if o.MaxConcurrent <= 0 {
 		o.MaxConcurrent = 20
@@ -46,6 +49,9 @@ func (o *PoolOptions) defaults() {
 	}
 	if o.IdleTimeout <= 0 {
 		o.IdleTimeout = 5 * time.Minute
+	}
+	if o.ConnIdleTimeout <= 0 {
+		o.ConnIdleTimeout = DefaultConnIdleTimeout
 	}
 	if o.BackoffBase <= 0 {
 		o.BackoffBase = 5 * time.Second
@@ -114,6 +120,9 @@ func (e *BackoffError) Unwrap() []error { return []error{ErrBackoff, e.Last} }
 func (p *Pool) Do(ctx context.Context, key string, t Target, opName string, op func(context.Context, Client) error) error {
 	if t.Timeout <= 0 {
 		t.Timeout = p.opts.CallTimeout
+	}
+	if t.ConnIdleTimeout <= 0 {
+		t.ConnIdleTimeout = p.opts.ConnIdleTimeout
 	}
 	s := p.session(key)
 	select {

@@ -1,13 +1,10 @@
 package bmc
 
 import (
-	"context"
-	"fmt"
 	"sort"
 	"strings"
 	"time"
 
-	"github.com/stmcginnis/gofish"
 	"github.com/stmcginnis/gofish/redfish"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -15,34 +12,12 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 )
 
-// redfishInventory reads the ComputerSystem and its Processors, Memory, EthernetInterfaces
-// and Storage/Drives with gofish directly. bmclib's own Inventory finds NICs only through
-// NetworkAdapters, reads no MACs, and ignores systems not named like a vendor's, so it misses
-// most of what placement needs. The session is short-lived: inspection runs once per host.
-func redfishInventory(ctx context.Context, t Target) (*infrav1.HardwareInventory, error) {
-	api, err := gofish.ConnectContext(ctx, gofish.ClientConfig{
-		Endpoint: t.Address.BaseURL(), Username: t.Username, Password: t.Password, HTTPClient: newHTTPClient(t),
-	})
-	if err != nil {
-		return nil, classify(redact(err, t.Password))
-	}
-	defer api.Logout()
-
-	systems, err := api.Service.Systems()
-	if err != nil {
-		return nil, classify(redact(err, t.Password))
-	}
-	var sys *redfish.ComputerSystem
-	for _, s := range systems {
-		if t.Address.SystemPath == "" || strings.TrimRight(s.ODataID, "/") == t.Address.SystemPath {
-			sys = s
-			break
-		}
-	}
-	if sys == nil {
-		return nil, fmt.Errorf("%w: no ComputerSystem at %q (the BMC has %d)", ErrBMC, t.Address.SystemPath, len(systems))
-	}
-
+// redfishInventory reads the ComputerSystem's Processors, Memory, EthernetInterfaces and
+// Storage/Drives, over the session that read the system. bmclib's own Inventory finds NICs
+// only through NetworkAdapters, reads no MACs, and ignores systems not named like a vendor's,
+// so it misses most of what placement needs. Sub-collections a BMC fails to serve are left
+// out rather than failing the inspection.
+func redfishInventory(sys *redfish.ComputerSystem) *infrav1.HardwareInventory {
 	now := metav1.NewTime(time.Now().UTC().Truncate(time.Second))
 	inv := &infrav1.HardwareInventory{Source: "OutOfBand", InspectedAt: &now, System: infrav1.SystemInfo{
 		Manufacturer: sys.Manufacturer, Model: sys.Model, SerialNumber: sys.SerialNumber, UUID: sys.UUID, Firmware: sys.BIOSVersion,
@@ -103,7 +78,7 @@ func redfishInventory(ctx context.Context, t Target) (*infrav1.HardwareInventory
 		}
 	}
 	SortInventory(inv)
-	return inv, nil
+	return inv
 }
 
 // SortInventory orders lists by stable keys: BMCs list collection members in any order, and an

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"k8s.io/apimachinery/pkg/types"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/agentapi"
@@ -50,9 +51,16 @@ type Config struct {
 	// TFTPAddress serves the iPXE binaries (default ":69" when DHCP is on); TFTPDir holds them
 	// (default Debian's /usr/lib/ipxe).
 	TFTPAddress, TFTPDir string
+	// TFTPSinglePort serves every transfer from the port-69 socket (tftp.Config.SinglePort):
+	// for firewalls that only pass port 69, and for callers that opened the sockets in a
+	// network namespace other than the process's (a transfer's own socket would be made in
+	// the process's).
+	TFTPSinglePort bool
 	// Backend options (Secrets reader, Notify, timeouts); ImageURL is filled in here.
 	Backend provision.Options
-	Log     logr.Logger
+	// OnServed is told of every iPXE script and agent artifact served (httpboot.Options).
+	OnServed func(httpboot.Served)
+	Log      logr.Logger
 }
 
 // Services is the running (or ready to run) boot services.
@@ -104,6 +112,10 @@ func New(cfg Config) (*Services, error) {
 	}
 
 	api, err := agentapi.NewServer(agentapi.ServerOptions{Tokens: s.Tokens, Backend: s.Backend, Log: cfg.Log.WithName("agentapi"),
+		BootReports: s.Backend,
+		ReportTokens: func(host types.NamespacedName, attempt string) (string, error) {
+			return s.Tokens.Issue(host, attempt, token.MaxTTL)
+		},
 		OnSecurityEvent: func(e agentapi.SecurityEvent) {
 			cfg.Log.Info("agent API security event", "kind", e.Kind, "host", e.Host, "token", e.TokenID)
 			if s.SecurityEvents != nil {
@@ -115,7 +127,7 @@ func New(cfg Config) (*Services, error) {
 		return nil, err
 	}
 	handler, err := httpboot.NewHandler(httpboot.Options{Hosts: s.Backend, Tokens: s.Tokens, PublicURL: s.cfg.PublicURL,
-		ArtifactsDir: cfg.ArtifactsDir, Images: s.Images, AgentAPI: api, Log: cfg.Log.WithName("httpboot")})
+		ArtifactsDir: cfg.ArtifactsDir, Images: s.Images, AgentAPI: api, OnServed: cfg.OnServed, Log: cfg.Log.WithName("httpboot")})
 	if err != nil {
 		_ = s.listener.Close()
 		return nil, err
@@ -138,7 +150,8 @@ func (s *Services) setupDHCPAndTFTP() error {
 		addr = ":69"
 	}
 	var err error
-	if s.tftp, err = tftp.New(tftp.Config{Files: ipxe.FS(), Addr: addr, Interface: s.cfg.DHCPInterface}); err != nil {
+	if s.tftp, err = tftp.New(tftp.Config{Files: ipxe.FS(), Addr: addr, Interface: s.cfg.DHCPInterface,
+		SinglePort: s.cfg.TFTPSinglePort, Log: s.cfg.Log.WithName("tftp")}); err != nil {
 		return err
 	}
 	s.dhcp, err = dhcp.New(dhcp.Config{Mode: s.cfg.DHCPMode, Interface: s.cfg.DHCPInterface, ServerIP: s.cfg.ServerIP,
@@ -164,6 +177,35 @@ func dhcpHost(h *infrav1.AnvilHost) dhcp.Host {
 		}
 	}
 	return host
+}
+
+// Listen opens the DHCP and TFTP sockets now (Start opens them otherwise). Sockets belong to
+// the network namespace of the thread that opens them: calling Listen first lets a caller
+// (a test, a standalone boot server) open them on a chosen network.
+func (s *Services) Listen() error {
+	if s.dhcp == nil {
+		return nil
+	}
+	if err := s.dhcp.Listen(); err != nil {
+		return err
+	}
+	return s.tftp.Listen()
+}
+
+// DHCPStats returns the DHCP server's counters (zero when DHCP is off).
+func (s *Services) DHCPStats() dhcp.Stats {
+	if s.dhcp == nil {
+		return dhcp.Stats{}
+	}
+	return s.dhcp.Stats()
+}
+
+// TFTPStats returns the TFTP server's counters (zero when DHCP, and so TFTP, is off).
+func (s *Services) TFTPStats() tftp.Stats {
+	if s.tftp == nil {
+		return tftp.Stats{}
+	}
+	return s.tftp.Stats()
 }
 
 // PublicURL is the base URL servers boot from.

@@ -47,6 +47,10 @@ type HealthGate struct {
 	Timeout time.Duration
 	// NoReboot keeps an unhealthy slot running instead of rebooting to spend an attempt.
 	NoReboot bool
+	// ReportURL and ReportToken, when set, make the gate report every boot to Anvil (the
+	// agent API's boot-report call): the slot it runs, whether it is marked good, and the
+	// slot GRUB gave up on. That is how Anvil learns that an upgrade committed or rolled back.
+	ReportURL, ReportToken string
 	// NoUserDataHook leaves user-data exactly as given. By default cloud-config user-data
 	// is wrapped into a MIME multipart message with a second, shell-script part that
 	// installs the gate from the drive; with NoUserDataHook the image must run
@@ -98,6 +102,12 @@ func (c *ConfigDrive) Render(espPartUUID, configPartUUID GUID) ([]fat.File, erro
 		}
 		env := fmt.Sprintf("ANVIL_ESP_PARTUUID=%s\nANVIL_HEALTHZ_URL=%s\nANVIL_TIMEOUT_SECONDS=%d\nANVIL_REBOOT_ON_FAILURE=%d\n",
 			strings.ToLower(espPartUUID.String()), url, int(timeout.Seconds()), reboot)
+		if g.ReportURL != "" || g.ReportToken != "" {
+			if err := validReport(g.ReportURL, g.ReportToken); err != nil {
+				return nil, err
+			}
+			env += fmt.Sprintf("ANVIL_REPORT_URL=%s\nANVIL_REPORT_TOKEN=%s\n", g.ReportURL, g.ReportToken)
+		}
 		files = append(files,
 			fat.File{Path: configGateDir + "/anvil-mark-good", Data: []byte(HealthGateScript)},
 			fat.File{Path: configGateDir + "/anvil-mark-good.service", Data: []byte(HealthGateUnit)},
@@ -111,6 +121,21 @@ func (c *ConfigDrive) Render(espPartUUID, configPartUUID GUID) ([]fat.File, erro
 	}
 	files = append(files, fat.File{Path: configUserData, Data: userData})
 	return files, nil
+}
+
+// validReport checks what goes into anvil.env, which the gate sources as shell: an http(s)
+// URL and a token of URL-safe characters, nothing a shell would interpret.
+func validReport(url, token string) error {
+	if !strings.HasPrefix(url, "http://") && !strings.HasPrefix(url, "https://") || strings.ContainsAny(url, "\"'`$\\\n ;&|<>(){}") {
+		return fmt.Errorf("config drive: report URL %q must be http(s) without shell characters", url)
+	}
+	if token == "" || strings.IndexFunc(token, func(r rune) bool {
+		urlSafe := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-'
+		return !urlSafe
+	}) >= 0 {
+		return fmt.Errorf("config drive: the report token must be non-empty and URL-safe base64")
+	}
+	return nil
 }
 
 // isCloudConfig reports user-data cloud-init can take as one part of a multipart message

@@ -717,3 +717,94 @@ func TestBIOSBootInstall(t *testing.T) {
 		}
 	}
 }
+
+// TestHealthGateReports checks what anvil-mark-good tells Anvil after each boot: an unhealthy
+// trial, a committed slot, and the old slot running again after GRUB gave up on the new one.
+func TestHealthGateReports(t *testing.T) {
+	needTool(t, "curl")
+	var mu sync.Mutex
+	var reports []string
+	var healthy sync.Map
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/healthz" {
+			if _, ok := healthy.Load("ok"); ok {
+				_, _ = io.WriteString(w, "ok")
+				return
+			}
+			http.Error(w, "not yet", http.StatusServiceUnavailable)
+			return
+		}
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		reports = append(reports, r.Header.Get("Authorization")+" "+string(body))
+		mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	script := filepath.Join(dir, "anvil-mark-good")
+	if err := os.WriteFile(script, []byte(HealthGateScript), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	esp := filepath.Join(dir, "esp")
+	if err := os.MkdirAll(filepath.Join(esp, ESPBootDir), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	envPath := filepath.Join(esp, ESPGRUBEnv)
+	boot := func(slot string, kv ...string) string {
+		t.Helper()
+		e := NewEnv()
+		for i := 0; i < len(kv); i += 2 {
+			e.Set(kv[i], kv[i+1])
+		}
+		b, _ := e.MarshalBlock()
+		if err := os.WriteFile(envPath, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cmdline := filepath.Join(dir, "cmdline")
+		if err := os.WriteFile(cmdline, []byte("ro anvil.slot="+slot+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		mu.Lock()
+		reports = nil
+		mu.Unlock()
+		cmd := exec.Command("sh", script)
+		cmd.Env = append(os.Environ(), "ANVIL_ESP_PARTUUID=unused", "ANVIL_ESP_DIR="+esp, "ANVIL_CMDLINE_FILE="+cmdline,
+			"ANVIL_HEALTHZ_URL="+srv.URL+"/healthz", "ANVIL_TIMEOUT_SECONDS=1", "ANVIL_INTERVAL_SECONDS=0.1",
+			"ANVIL_REBOOT_COMMAND=true", "ANVIL_REPORT_URL="+srv.URL+"/agent/v1/boot-report", "ANVIL_REPORT_TOKEN=v1.abc_DEF-1.sig")
+		_, _ = cmd.CombinedOutput()
+		mu.Lock()
+		defer mu.Unlock()
+		return strings.Join(reports, "\n")
+	}
+	const auth = "Bearer v1.abc_DEF-1.sig "
+	if got := boot("B", "active", "A", "next", "B", "tries", "2"); got != auth+`{"slot":"B","good":false,"failed":""}` {
+		t.Fatalf("unhealthy trial reported %q", got)
+	}
+	healthy.Store("ok", true)
+	if got := boot("B", "active", "A", "next", "B", "tries", "1"); got != auth+`{"slot":"B","good":true,"failed":""}` {
+		t.Fatalf("committed trial reported %q", got)
+	}
+	// GRUB spent B's tries and went back to A: A's gate says so.
+	if got := boot("A", "active", "A", "failed", "B"); got != auth+`{"slot":"A","good":true,"failed":"B"}` {
+		t.Fatalf("rollback reported %q", got)
+	}
+	// Anything but A or B in failed= never reaches the JSON.
+	if got := boot("A", "active", "A", "failed", `B","good":false`); got != auth+`{"slot":"A","good":true,"failed":""}` {
+		t.Fatalf("a hostile failed= reported %q", got)
+	}
+}
+
+func TestHealthGateReportSettingsAreChecked(t *testing.T) {
+	for _, bad := range []HealthGate{
+		{ReportURL: "file:///etc/passwd", ReportToken: "t"},
+		{ReportURL: "http://x/$(reboot)", ReportToken: "t"},
+		{ReportURL: "http://x/r", ReportToken: "a b"},
+		{ReportURL: "http://x/r", ReportToken: ""},
+	} {
+		cd := &ConfigDrive{MetaData: MetaData{InstanceID: "i"}, HealthGate: &bad}
+		if _, err := cd.Render(GUID{}, GUID{}); err == nil {
+			t.Errorf("rendered a gate with report URL %q and token %q", bad.ReportURL, bad.ReportToken)
+		}
+	}
+}

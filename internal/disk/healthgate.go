@@ -13,6 +13,12 @@ package disk
 // place (dd conv=notrunc,fsync) after checking the file is exactly 1024 bytes, keeping every
 // other variable as it was. It needs only POSIX sh, awk, dd, head, tr, mount and
 // curl or wget.
+//
+// With ANVIL_REPORT_URL and ANVIL_REPORT_TOKEN set it reports every boot to Anvil: the running
+// slot, whether it is marked good, and the slot GRUB gave up on (failed=). The report is how
+// Anvil tells a committed upgrade from a rolled-back one; it does not change what boots. TLS
+// is not verified for it (the OS has no pin for the boot services' certificate): a forged or
+// lost report can only mislead Anvil's status, which times out on its own, never the disk.
 
 // HealthGateScript is /usr/local/sbin/anvil-mark-good.
 const HealthGateScript = `#!/bin/sh
@@ -73,6 +79,20 @@ esp_mount_dev() {
 
 getvar() { sed -n "s/^$1=//p" "$envfile" | head -n 1; }
 
+# report <slot> <good:true|false> <failed slot or empty>
+report() {
+	[ -n "${ANVIL_REPORT_URL:-}" ] && [ -n "${ANVIL_REPORT_TOKEN:-}" ] || return 0
+	case "$3" in A | B) failed_slot=$3 ;; *) failed_slot="" ;; esac
+	body="{\"slot\":\"$1\",\"good\":$2,\"failed\":\"$failed_slot\"}"
+	if command -v curl >/dev/null 2>&1; then
+		curl -fsS -k --max-time 10 --retry 3 -X POST -H "Authorization: Bearer $ANVIL_REPORT_TOKEN" \
+			-H "Content-Type: application/json" --data "$body" "$ANVIL_REPORT_URL" >/dev/null 2>&1
+	else
+		wget -q -T 10 -O /dev/null --no-check-certificate --header="Authorization: Bearer $ANVIL_REPORT_TOKEN" \
+			--header="Content-Type: application/json" --post-data="$body" "$ANVIL_REPORT_URL" 2>/dev/null
+	fi || log "could not report to Anvil (it stops waiting on its own)"
+}
+
 healthy() {
 	if command -v curl >/dev/null 2>&1; then
 		[ "$(curl -fsS --max-time 5 "$HEALTHZ_URL" 2>/dev/null)" = ok ]
@@ -82,8 +102,10 @@ healthy() {
 }
 
 esp_mount || exit 1
+failed=$(getvar failed)
 if [ "$(getvar active)" = "$slot" ] && [ "$(getvar next)" != "$slot" ]; then
 	log "slot $slot is already marked good"
+	report "$slot" true "$failed"
 	exit 0
 fi
 pending=$(getvar next)
@@ -94,6 +116,7 @@ start=$(date +%s)
 until healthy; do
 	if [ $(($(date +%s) - start)) -ge "$TIMEOUT" ]; then
 		log "kubelet not healthy within ${TIMEOUT}s; slot $slot stays unconfirmed"
+		report "$slot" false "$failed"
 		if [ "$pending" = "$slot" ] && [ "$REBOOT" = 1 ]; then
 			log "rebooting to spend a boot attempt (GRUB falls back when they are gone)"
 			$REBOOT_CMD
@@ -133,6 +156,7 @@ head -c $((1024 - used)) /dev/zero | tr '\0' '#' >>"$tmp"
 dd if="$tmp" of="$envfile" bs=1024 count=1 conv=notrunc,fsync 2>/dev/null || exit 1
 sync
 log "slot $slot marked good"
+report "$slot" true "$failed"
 `
 
 // HealthGateUnit is the systemd unit that runs the gate on every boot. Type=simple so the

@@ -4,15 +4,18 @@
 // real BMCs, emulated ones and fakes.
 //
 //	Registering → Inspecting → Available ⇄ Provisioning → Provisioned → Deprovisioning → Available
+//	Provisioned → Upgrading (new image into the inactive A/B slot) → Provisioned (see upgrade.go)
 //	any state + spec.maintenance → actions stop (state Maintenance when unclaimed); cleared → Inspecting
 //	any state + spec.retire → Retiring (wipe, power off) → Retired (terminal)
 package hoststate
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"math"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/equality"
@@ -63,15 +66,14 @@ type Event struct {
 	Warning bool
 	Reason  string
 	Message string
+	// From and To are set when the event is a change of state.
+	From, To infrav1.HostState
 }
 
 // Result is what a Step asks of its caller.
 type Result struct {
 	RequeueAfter time.Duration
 	Events       []Event
-	// BMCAlive is true when the BMC answered during this step: the caller renews the host's
-	// liveness Lease instead of rewriting status.
-	BMCAlive bool
 	// ReleaseClaim says spec.claim was removed (deprovisioning finished): the caller drops
 	// what it keeps alongside the claim.
 	ReleaseClaim bool
@@ -94,7 +96,11 @@ type Input struct {
 type Machine struct {
 	BMC         BMCAccess
 	Provisioner Provisioner
-	// PowerSyncInterval is the steady-state power poll (default 120 s, ±10 % jitter).
+	// BootReports, when set, tells in-place upgrades whether the new slot committed or
+	// rolled back (see upgrade.go); without it a new slot stays pending.
+	BootReports BootReportSource
+	// PowerSyncInterval is the steady-state power poll (default 120 s), ±10 % by a jitter
+	// fixed per host so that a fleet does not poll in step.
 	PowerSyncInterval time.Duration
 	// RetryInterval is the requeue for errors the pool does not time (default 30 s).
 	RetryInterval time.Duration
@@ -138,7 +144,7 @@ func (m *Machine) Step(ctx context.Context, in Input) Result {
 			break
 		}
 		h.Status.State = sr.next
-		res.Events = append(res.Events, Event{Reason: string(sr.next), Message: fmt.Sprintf("%s → %s", from, sr.next)})
+		res.Events = append(res.Events, Event{Reason: string(sr.next), Message: fmt.Sprintf("%s → %s", from, sr.next), From: from, To: sr.next})
 		if !sr.cont {
 			if res.RequeueAfter == 0 {
 				res.RequeueAfter = time.Millisecond // let the next state run promptly
@@ -146,6 +152,7 @@ func (m *Machine) Step(ctx context.Context, in Input) Result {
 			break
 		}
 	}
+	s.setImageCondition()
 	s.setReady()
 	syncBlockMove(h)
 	h.Status.ObservedGeneration = h.Generation
@@ -186,6 +193,7 @@ func (s *step) handle(state infrav1.HostState) stepResult {
 		infrav1.HostStateAvailable:      s.available,
 		infrav1.HostStateProvisioning:   s.provisioning,
 		infrav1.HostStateProvisioned:    s.provisioned,
+		infrav1.HostStateUpgrading:      s.upgrading,
 		infrav1.HostStateDeprovisioning: s.deprovisioning,
 		infrav1.HostStateMaintenance:    s.leavingMaintenance,
 		infrav1.HostStateRetiring:       s.retiring,
@@ -281,7 +289,7 @@ func (s *step) provisioning() stepResult {
 	}
 	h.Annotations[infrav1.ProvisionedForAnnotation] = h.Spec.Claim.ProvisionedFor()
 	h.Status.Power = infrav1.PowerOn
-	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.m.powerSyncInterval()}
+	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.powerSyncInterval()}
 }
 
 func (s *step) provisioned() stepResult {
@@ -297,7 +305,11 @@ func (s *step) provisioned() stepResult {
 		h.Status.Power = infrav1.PowerOn
 		s.res.Events = append(s.res.Events, Event{Reason: "Rebooted", Message: "power-cycled on request " + request})
 		s.res.PowerSynced = true
-		return stepResult{requeueAfter: s.m.powerSyncInterval()}
+		return stepResult{requeueAfter: s.powerSyncInterval()}
+	}
+	s.applyBootReport()
+	if upgradeWanted(h) {
+		return stepResult{next: infrav1.HostStateUpgrading, cont: true}
 	}
 	return s.keepPower()
 }
@@ -339,7 +351,7 @@ func (s *step) maintenance() stepResult {
 	if power, ok := s.readPower(); ok {
 		h.Status.Power = power
 	}
-	return stepResult{requeueAfter: s.m.powerSyncInterval()}
+	return stepResult{requeueAfter: s.powerSyncInterval()}
 }
 
 // leavingMaintenance re-inspects: parts may have been replaced.
@@ -386,14 +398,18 @@ func (s *step) retired() stepResult { return stepResult{} }
 // for a provisioned host). Nothing is written unless the state actually changed.
 func (s *step) keepPower() stepResult {
 	h := s.in.Host
-	if wait := s.untilPowerSync(); wait > 0 {
-		return stepResult{requeueAfter: wait}
+	// Registration read power moments ago in this same step: onboarding reads it once.
+	if !s.res.PowerSynced {
+		if wait := s.untilPowerSync(); wait > 0 {
+			return stepResult{requeueAfter: wait}
+		}
+		power, ok := s.readPower()
+		if !ok {
+			return s.failed()
+		}
+		h.Status.Power = power
 	}
-	power, ok := s.readPower()
-	if !ok {
-		return s.failed()
-	}
-	h.Status.Power = power
+	power := h.Status.Power
 	want := h.Spec.Online || h.Status.State == infrav1.HostStateProvisioned
 	action := bmc.PowerAction("")
 	switch {
@@ -414,7 +430,7 @@ func (s *step) keepPower() stepResult {
 			h.Status.Power = infrav1.PowerOn
 		}
 	}
-	return stepResult{requeueAfter: s.m.powerSyncInterval()}
+	return stepResult{requeueAfter: s.powerSyncInterval()}
 }
 
 // untilPowerSync is how long until power is due to be read again (zero: now). The last read
@@ -423,7 +439,7 @@ func (s *step) untilPowerSync() time.Duration {
 	if s.in.LastPowerSync.IsZero() {
 		return 0
 	}
-	return max(0, s.in.LastPowerSync.Add(s.m.powerSyncInterval()).Sub(s.m.now()))
+	return max(0, s.in.LastPowerSync.Add(s.powerSyncInterval()).Sub(s.m.now()))
 }
 
 func (s *step) readPower() (infrav1.PowerState, bool) {
@@ -465,7 +481,6 @@ func (s *step) runBMC(opName string, op func(context.Context, bmc.Client) error)
 		s.recordError(bmc.Reason(err), err)
 		return err
 	}
-	s.res.BMCAlive = true
 	conditions.Set(h, metav1.Condition{Type: ConditionBMCReachable, Status: metav1.ConditionTrue, Reason: "Reachable",
 		Message: fmt.Sprintf("%s BMC at %s answers", s.in.Target.Address.Protocol, s.in.Target.Address.HostPort())})
 	s.setTLSCondition()
@@ -548,13 +563,24 @@ func (m *Machine) now() time.Time {
 	return time.Now()
 }
 
-// powerSyncInterval is the poll period with ±10 % jitter so a fleet does not poll in step.
-func (m *Machine) powerSyncInterval() time.Duration {
-	d := m.PowerSyncInterval
+// powerSyncInterval is this host's poll period: PowerSyncInterval ±10 %, the offset fixed by
+// a hash of the host's UID. Fixed, so that the requeue and the "is power due?" check agree
+// (a random one drawn for each would wake a host early, to find nothing due and requeue);
+// per host, so that a fleet created at once still spreads its polls.
+func (s *step) powerSyncInterval() time.Duration {
+	h := s.in.Host
+	d := s.m.PowerSyncInterval
 	if d <= 0 {
 		d = 120 * time.Second
 	}
-	return time.Duration(float64(d) * (0.9 + rand.Float64()/5)) //nolint:gosec // jitter only
+	id := string(h.UID)
+	if id == "" {
+		id = h.Namespace + "/" + h.Name
+	}
+	// SHA-256, not FNV: its top bits differ even for names that differ in one character.
+	sum := sha256.Sum256([]byte(id))
+	unit := float64(binary.BigEndian.Uint64(sum[:8])) / float64(math.MaxUint64) // in [0, 1]
+	return time.Duration(float64(d) * (0.9 + unit/5))
 }
 
 func (m *Machine) retryInterval() time.Duration {

@@ -3,6 +3,7 @@ package hoststate
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/cluster-api/util/conditions"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
@@ -77,8 +79,48 @@ func TestHealthyHostReachesAvailableInOneStep(t *testing.T) {
 	if got := strings.Join(reasons, ","); got != "Inspecting,Available,PowerChanged" {
 		t.Errorf("events %s", got)
 	}
-	if !r.BMCAlive {
-		t.Error("a BMC that answered must renew liveness")
+	// Registration's power read serves the power check at Available: login aside, one read,
+	// the inventory and the power-on.
+	if logins, _, _, calls := fh.BMC.Counts(); logins != 1 || calls != 3 {
+		t.Errorf("onboarding: %d logins, %d BMC calls; want 1 and 3 (power read once)", logins, calls)
+	}
+}
+
+// Each host polls power on its own fixed period within ±10 %: a host requeued for its period
+// finds power due (never wakes early to find nothing to do), and a fleet spreads out.
+func TestPowerSyncPeriodIsFixedPerHostAndSpread(t *testing.T) {
+	const period = time.Hour
+	var shortest, longest time.Duration
+	for i := range 50 {
+		fh, m := fixture()
+		fh.Host.UID = types.UID(fmt.Sprintf("uid-%d", i))
+		now := time.Unix(1_700_000_000, 0)
+		m.Now = func() time.Time { return now }
+		r := m.Step(context.Background(), Input{Host: fh.Host, Target: fh.Target})
+		if fh.Host.Status.State != infrav1.HostStateAvailable {
+			t.Fatalf("state %s", fh.Host.Status.State)
+		}
+		if r.RequeueAfter < period*9/10 || r.RequeueAfter > period*11/10 {
+			t.Fatalf("requeue after %s, want within 10 %% of %s", r.RequeueAfter, period)
+		}
+		if i == 0 || r.RequeueAfter < shortest {
+			shortest = r.RequeueAfter
+		}
+		longest = max(longest, r.RequeueAfter)
+
+		lastSync := now
+		now = now.Add(r.RequeueAfter)
+		_, _, _, calls := fh.BMC.Counts()
+		r2 := m.Step(context.Background(), Input{Host: fh.Host, Target: fh.Target, LastPowerSync: lastSync})
+		if _, _, _, after := fh.BMC.Counts(); after != calls+1 || !r2.PowerSynced {
+			t.Fatalf("host %d woke after its requeue (%s) and did not find power due (%d BMC calls)", i, r.RequeueAfter, after-calls)
+		}
+		if r2.RequeueAfter != r.RequeueAfter {
+			t.Fatalf("host %d: period %s then %s, want the same", i, r.RequeueAfter, r2.RequeueAfter)
+		}
+	}
+	if longest-shortest < period/10 {
+		t.Errorf("periods of 50 hosts span only %s..%s: not spread", shortest, longest)
 	}
 }
 

@@ -22,6 +22,16 @@ const (
 
 var hardwareLabels = []string{LabelArch, LabelCPUCores, LabelMemoryGiB, LabelGPUCount, LabelGPUModel, LabelNUMANodes}
 
+// IsHardwareLabel says whether key is one of the hardware labels this package sets.
+func IsHardwareLabel(key string) bool {
+	for _, k := range hardwareLabels {
+		if k == key {
+			return true
+		}
+	}
+	return false
+}
+
 // ApplyHardwareLabels sets the hardware labels from status.hardware and removes those that no
 // longer apply (a GPU pulled during maintenance must not keep attracting GPU workloads).
 func ApplyHardwareLabels(h *infrav1.AnvilHost) {

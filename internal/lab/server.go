@@ -6,7 +6,9 @@
 package lab
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -31,6 +33,8 @@ type OSBoot struct {
 	Slot   infrav1.Slot
 	// MetaData and UserData are the config drive's files.
 	MetaData, UserData []byte
+	// RootHead is the first bytes of the slot's root filesystem: what the OS image is.
+	RootHead []byte
 }
 
 // ProviderID reads provider-id from the meta-data.
@@ -160,7 +164,10 @@ func (s *Server) runAgent(ctx context.Context, params agentapi.BootParams) {
 	err := agentloop.Run(ctx, agentloop.Config{Params: params, Disk: s.DiskPath, Log: s.Log.WithName("agent"),
 		Inventory: func() (*infrav1.HardwareInventory, error) { return s.Inventory.DeepCopy(), nil },
 		Reboot:    restart(machine.ResetForceRestart), PowerOff: restart(machine.ResetForceOff),
-		Client: agentapi.ClientOptions{MaxAttempts: 5, InitialBackoff: 100 * time.Millisecond}})
+		// The gate's files (and its boot-report URL and token) go on the config drive; the
+		// emulated OS does what they do (see bootDisk). User-data stays as CABPK wrote it.
+		HealthGate: &disk.HealthGate{NoUserDataHook: true},
+		Client:     agentapi.ClientOptions{MaxAttempts: 5, InitialBackoff: 100 * time.Millisecond}})
 	if err != nil && ctx.Err() == nil {
 		s.Log.Info("agent stopped", "error", err.Error())
 	}
@@ -201,12 +208,58 @@ func (s *Server) bootDisk(ctx context.Context) {
 	if slot == "" {
 		return
 	}
+	onTrial := env.Get("next") == string(slot)
 	meta, _ := ab.ReadConfigDrive("meta-data")
 	user, _ := ab.ReadConfigDrive("user-data")
+	gateEnv, _ := ab.ReadConfigDrive("anvil/anvil.env")
+	head := make([]byte, 256)
+	if part, err := ab.Slot(slot); err == nil {
+		off, _ := ab.Range(part)
+		_, _ = d.ReadAt(head, off)
+	}
 	s.mu.Lock()
 	s.slot = slot
 	s.mu.Unlock()
-	if s.OSBooted != nil && s.OSBooted(ctx, OSBoot{Server: s.Name, Slot: slot, MetaData: meta, UserData: user}) {
-		_ = ab.MarkGood(slot) // the health gate passed
+	good := s.OSBooted != nil && s.OSBooted(ctx, OSBoot{Server: s.Name, Slot: slot, MetaData: meta, UserData: user, RootHead: head})
+	// What anvil-mark-good does: mark the slot good once healthy, report the boot, and spend
+	// another try when the slot on trial is not healthy.
+	if good {
+		_ = ab.MarkGood(slot)
 	}
+	failed := ""
+	if e, err := ab.ReadEnv(); err == nil {
+		failed = e.Get("failed")
+	}
+	s.reportBoot(ctx, gateEnv, slot, good, failed)
+	if !good && onTrial {
+		go func() { _ = s.Machine.Reset(machine.ResetForceRestart) }()
+	}
+}
+
+// reportBoot posts the boot report the health gate sends, with the URL and token the agent
+// put into anvil/anvil.env.
+func (s *Server) reportBoot(ctx context.Context, gateEnv []byte, slot infrav1.Slot, good bool, failed string) {
+	vars := map[string]string{}
+	for _, line := range strings.Split(string(gateEnv), "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			vars[k] = v
+		}
+	}
+	url, token := vars["ANVIL_REPORT_URL"], vars["ANVIL_REPORT_TOKEN"]
+	if url == "" || token == "" {
+		return
+	}
+	body, _ := json.Marshal(agentapi.BootReport{Slot: slot, Good: good, Failed: infrav1.Slot(failed)})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.Log.Info("boot report failed", "error", err.Error())
+		return
+	}
+	_ = resp.Body.Close()
 }

@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -62,6 +63,10 @@ type Options struct {
 	// Webhooks installs Anvil's webhook configurations (config/webhook), pointed at a local
 	// serving address and certificate that Environment.WebhookServer uses.
 	Webhooks bool
+	// CAPIWebhooks also installs Cluster API's webhook configurations (core, kubeadm
+	// bootstrap, kubeadm control plane) against the same local server; the caller registers
+	// CAPI's admission handlers there (sigs.k8s.io/cluster-api/.../webhooks/admission).
+	CAPIWebhooks bool
 }
 
 // Start runs kube-apiserver and etcd with every CRD installed. The binaries come from
@@ -92,8 +97,24 @@ func StartWithOptions(opts Options) (*Environment, error) {
 		ErrorIfCRDPathMissing: true,
 		Scheme:                scheme,
 	}
-	if opts.Webhooks {
+	if opts.Webhooks && !opts.CAPIWebhooks {
 		env.WebhookInstallOptions = envtest.WebhookInstallOptions{Paths: []string{filepath.Join(root, "config", "webhook", "manifests.yaml")}}
+	}
+	if opts.CAPIWebhooks {
+		capiDir, err := moduleDir(root, "sigs.k8s.io/cluster-api")
+		if err != nil {
+			return nil, err
+		}
+		sources := map[string]string{}
+		if opts.Webhooks {
+			sources["anvil"] = filepath.Join(root, "config", "webhook", "manifests.yaml")
+		}
+		for prefix, d := range map[string]string{"capi": "core", "capi-kubeadm-bootstrap": "bootstrap/kubeadm", "capi-kubeadm-control-plane": "controlplane/kubeadm"} {
+			sources[prefix] = filepath.Join(capiDir, d, "config", "webhook", "manifests.yaml")
+		}
+		if env.WebhookInstallOptions, err = webhookConfigurations(sources); err != nil {
+			return nil, err
+		}
 	}
 	cfg, err := env.Start()
 	if err != nil {
@@ -108,10 +129,49 @@ func StartWithOptions(opts Options) (*Environment, error) {
 }
 
 // WebhookServer returns a webhook server options matching the installed configurations
-// (valid only when started with Options.Webhooks).
+// (valid only when started with Options.Webhooks or Options.CAPIWebhooks).
 func (e *Environment) WebhookServer() webhook.Options {
 	w := e.env.WebhookInstallOptions
 	return webhook.Options{Host: w.LocalServingHost, Port: w.LocalServingPort, CertDir: w.LocalServingCertDir}
+}
+
+// webhookConfigurations reads generated webhook manifests (file by name prefix). Every
+// controller-gen manifest names its configurations mutating-webhook-configuration and
+// validating-webhook-configuration; kustomize's namePrefix tells them apart in real installs,
+// and the prefix does here, or all but one provider's would be lost.
+func webhookConfigurations(sources map[string]string) (envtest.WebhookInstallOptions, error) {
+	var o envtest.WebhookInstallOptions
+	codec := serializer.NewCodecFactory(NewScheme()).UniversalDeserializer()
+	for prefix, path := range sources {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return o, err
+		}
+		for _, doc := range strings.Split(string(raw), "\n---") {
+			if strings.TrimSpace(doc) == "" {
+				continue
+			}
+			js, err := utilyaml.ToJSON([]byte(doc))
+			if err != nil {
+				return o, fmt.Errorf("%s: %w", path, err)
+			}
+			obj, _, err := codec.Decode(js, nil, nil)
+			if err != nil {
+				return o, fmt.Errorf("%s: %w", path, err)
+			}
+			switch w := obj.(type) {
+			case *admissionv1.MutatingWebhookConfiguration:
+				w.Name = prefix + "-" + w.Name
+				o.MutatingWebhooks = append(o.MutatingWebhooks, w)
+			case *admissionv1.ValidatingWebhookConfiguration:
+				w.Name = prefix + "-" + w.Name
+				o.ValidatingWebhooks = append(o.ValidatingWebhooks, w)
+			default:
+				return o, fmt.Errorf("%s: unexpected %T", path, obj)
+			}
+		}
+	}
+	return o, nil
 }
 
 // Stop shuts the API server and etcd down.

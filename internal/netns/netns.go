@@ -199,6 +199,11 @@ func NewPair(t testing.TB, a, b HostConfig) (*Host, *Host) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, h := range []*Host{ha, hb} {
+		if err := h.WaitUp(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return ha, hb
 }
 
@@ -232,6 +237,9 @@ func NewLAN(t testing.TB, hosts ...HostConfig) []*Host {
 		}
 		h, err := setUp(ns, link, hc)
 		if err != nil {
+			t.Fatal(err)
+		}
+		if err := h.WaitUp(); err != nil {
 			t.Fatal(err)
 		}
 		out = append(out, h)
@@ -272,6 +280,31 @@ func linkMAC(ns *Namespace, link string) (net.HardwareAddr, error) {
 		return nil, fmt.Errorf("ip link show %s in %s: unexpected output %q", link, ns.Name, out)
 	}
 	return net.ParseMAC(links[0].Address)
+}
+
+// WaitUp waits until the kernel passes traffic on the host's link. A link whose carrier has
+// just come on transmits through the "noop" queueing discipline, which drops every packet,
+// until the kernel's link watcher activates it — up to a second later under load — and the
+// watcher sets the operational state to UP in the same step. Tests that send a burst at
+// once (a load generator) would otherwise lose its start.
+func (h *Host) WaitUp() error {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := ipCmd("-n", h.Name, "-j", "link", "show", "dev", h.Link)
+		if err != nil {
+			return fmt.Errorf("ip link show %s in %s: %w: %s", h.Link, h.Name, err, out)
+		}
+		var links []struct {
+			Operstate string `json:"operstate"`
+		}
+		if err := json.Unmarshal(out, &links); err == nil && len(links) == 1 && links[0].Operstate == "UP" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("link %s in %s did not come up: %s", h.Link, h.Name, out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // AddAddr puts another address on the host's interface (a DHCP client test does that itself

@@ -25,6 +25,15 @@ type Request struct {
 	// this value qualify.
 	FailureDomain      string
 	FailureDomainLabel string
+	// SpreadCluster, when FailureDomain is empty, spreads the cluster's machines: among the
+	// hosts that fit, those in the failure domain holding the fewest hosts claimed for this
+	// cluster come first (a MachineDeployment without failure domains then still survives
+	// the loss of one zone). It is a preference, never a reason to refuse a host.
+	SpreadCluster string
+	// ClusterLoad, when set, is how many hosts per failure domain SpreadCluster holds, counted
+	// by the caller (which then need pass only the hosts it may choose from); otherwise the
+	// claims among hosts are counted.
+	ClusterLoad map[string]int
 	// Claimed, when set, reports hosts that are taken though their objects do not show it
 	// yet (the caller is claiming them, or its cache lags behind its own claim).
 	Claimed func(*infrav1.AnvilHost) bool
@@ -81,16 +90,19 @@ func (r Result) Explain() string {
 // that a claim costs time linear in the fleet.
 func Choose(hosts []infrav1.AnvilHost, req Request) Result {
 	res := Result{Total: len(hosts), Rejected: map[string]int{}}
+	load := clusterLoad(hosts, req)
 	var best *infrav1.AnvilHost
 	var bestKey [3]int64
+	bestLoad := 0
 	for i := range hosts {
 		h := &hosts[i]
 		if reason := reject(h, req); reason != "" {
 			res.Rejected[reason]++
 			continue
 		}
-		if key := sizeKey(h); best == nil || lessKey(key, h.Name, bestKey, best.Name) {
-			best, bestKey = h, key
+		key, l := sizeKey(h), load[h.Labels[failureDomainLabel(req)]]
+		if best == nil || l < bestLoad || l == bestLoad && lessKey(key, h.Name, bestKey, best.Name) {
+			best, bestKey, bestLoad = h, key, l
 		}
 	}
 	res.Host = best
@@ -100,6 +112,24 @@ func Choose(hosts []infrav1.AnvilHost, req Request) Result {
 // Claimable reports whether h could be claimed by any machine that asks for nothing in
 // particular: Available, unclaimed, not in maintenance, retired or being deleted.
 func Claimable(h *infrav1.AnvilHost) bool { return reject(h, Request{}) == "" }
+
+// clusterLoad counts, per failure domain, the hosts claimed for req.SpreadCluster (nil when
+// not spreading); see ClusterLoad.
+func clusterLoad(hosts []infrav1.AnvilHost, req Request) map[string]int {
+	if req.SpreadCluster == "" || req.FailureDomain != "" {
+		return nil
+	}
+	if req.ClusterLoad != nil {
+		return req.ClusterLoad
+	}
+	load := map[string]int{}
+	for i := range hosts {
+		if c := hosts[i].Spec.Claim; c != nil && !c.Released && c.ClusterName == req.SpreadCluster {
+			load[hosts[i].Labels[failureDomainLabel(req)]]++
+		}
+	}
+	return load
+}
 
 // Eligible reports whether h could be claimed for req, and if not why.
 func Eligible(h *infrav1.AnvilHost, req Request) (bool, string) {
@@ -180,4 +210,16 @@ func failureDomainLabel(req Request) string {
 		return req.FailureDomainLabel
 	}
 	return infrav1.DefaultFailureDomainLabel
+}
+
+// ClusterLoad counts, per value of label, the hosts whose live claim is cluster's: what
+// Request.ClusterLoad wants, from the hosts a cluster holds.
+func ClusterLoad(hosts []infrav1.AnvilHost, label, cluster string) map[string]int {
+	load := map[string]int{}
+	for i := range hosts {
+		if c := hosts[i].Spec.Claim; c != nil && !c.Released && c.ClusterName == cluster {
+			load[hosts[i].Labels[label]]++
+		}
+	}
+	return load
 }

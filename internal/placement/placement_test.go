@@ -104,6 +104,44 @@ func TestSelectorAndHardware(t *testing.T) {
 	}
 }
 
+func TestSpreadClusterOverFailureDomains(t *testing.T) {
+	claimed := func(h infrav1.AnvilHost, cluster string) infrav1.AnvilHost {
+		h.Spec.Claim = &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m-" + h.Name}, ClusterName: cluster}
+		return h
+	}
+	hosts := []infrav1.AnvilHost{
+		claimed(host("a1", "zone-a", 32, 128, 0), "prod"), claimed(host("b1", "zone-b", 32, 128, 0), "prod"),
+		claimed(host("c1", "zone-c", 32, 128, 0), "other"),
+		host("a2", "zone-a", 16, 64, 0), host("b2", "zone-b", 16, 64, 0), host("c2", "zone-c", 64, 256, 0),
+	}
+	// zone-c holds none of prod's hosts: its (bigger) host wins over the best fits elsewhere.
+	if r := Choose(hosts, Request{SpreadCluster: "prod"}); r.Host == nil || r.Host.Name != "c2" {
+		t.Fatalf("spreading prod chose %v, want c2 (the only zone without a prod host)", r.Host)
+	}
+	// Without spreading, best fit then name.
+	if r := Choose(hosts, Request{}); r.Host == nil || r.Host.Name != "a2" {
+		t.Fatalf("chose %v, want a2", r.Host)
+	}
+	// A released claim no longer counts, and a failure domain turns spreading off.
+	hosts[0].Spec.Claim.Released, hosts[1].Spec.Claim.Released = true, true
+	if r := Choose(hosts, Request{SpreadCluster: "prod"}); r.Host == nil || r.Host.Name != "a2" {
+		t.Fatalf("chose %v, want a2 once prod holds nothing", r.Host)
+	}
+	if r := Choose(hosts, Request{SpreadCluster: "other", FailureDomain: "zone-c"}); r.Host == nil || r.Host.Name != "c2" {
+		t.Fatalf("chose %v, want c2", r.Host)
+	}
+
+	// A caller that passes only the hosts it may claim counts the cluster's hosts itself.
+	hosts[0].Spec.Claim.Released, hosts[1].Spec.Claim.Released = false, false
+	load := ClusterLoad(hosts, infrav1.DefaultFailureDomainLabel, "prod")
+	if load["zone-a"] != 1 || load["zone-b"] != 1 || load["zone-c"] != 0 {
+		t.Fatalf("ClusterLoad %v", load)
+	}
+	if r := Choose(hosts[3:], Request{SpreadCluster: "prod", ClusterLoad: load}); r.Host == nil || r.Host.Name != "c2" {
+		t.Fatalf("spreading over claimable hosts only chose %v, want c2", r.Host)
+	}
+}
+
 // TestHostsBeingClaimedCountAsClaimed: a host the caller is claiming right now (its object
 // does not show it yet) is passed over as claimed, and the next best is chosen.
 func TestHostsBeingClaimedCountAsClaimed(t *testing.T) {

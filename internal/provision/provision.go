@@ -12,6 +12,7 @@ package provision
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -63,6 +64,8 @@ type Backend struct {
 	mu       sync.Mutex
 	attempts map[types.NamespacedName]*attempt
 	byMAC    map[string]types.NamespacedName
+	// reports are the installed OSes' latest boot reports (see agentapi.BootReport).
+	reports map[types.NamespacedName]hoststate.BootReport
 }
 
 type purpose string
@@ -90,7 +93,12 @@ type attempt struct {
 	next         int // index of the task the agent is working on
 	progress     string
 	lastResult   *agentapi.Result
-	err          error
+	// installedSlot is the slot the install task wrote ("" for whole-disk images), and
+	// installedAt when it said so: before the reboot, so before any boot report of the new
+	// slot (the host controller may record the install only after that report arrived).
+	installedSlot infrav1.Slot
+	installedAt   time.Time
+	err           error
 }
 
 func (a *attempt) done() bool { return a.err == nil && a.next >= len(a.tasks) }
@@ -106,12 +114,15 @@ func New(opts Options) *Backend {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Backend{opts: opts, attempts: map[types.NamespacedName]*attempt{}, byMAC: map[string]types.NamespacedName{}}
+	return &Backend{opts: opts, attempts: map[types.NamespacedName]*attempt{}, byMAC: map[string]types.NamespacedName{},
+		reports: map[types.NamespacedName]hoststate.BootReport{}}
 }
 
 var _ hoststate.Provisioner = (*Backend)(nil)
 var _ agentapi.Backend = (*Backend)(nil)
 var _ httpboot.Hosts = (*Backend)(nil)
+var _ agentapi.BootReporter = (*Backend)(nil)
+var _ hoststate.BootReportSource = (*Backend)(nil)
 
 // Provision installs the claim's image through the agent.
 func (b *Backend) Provision(ctx context.Context, h *infrav1.AnvilHost, run hoststate.BMCRunner) (hoststate.Outcome, error) {
@@ -129,14 +140,26 @@ func (b *Backend) Provision(ctx context.Context, h *infrav1.AnvilHost, run hosts
 		}
 		install := agentapi.Task{ID: id + "-install", Kind: agentapi.TaskInstall, RootDeviceHints: h.Spec.RootDeviceHints,
 			Image:       &agentapi.Image{URL: url, Checksum: claim.Image.Checksum, Format: claim.Image.Format, Layout: claim.Image.Layout},
-			ConfigDrive: &agentapi.ConfigDrive{MetaData: agentapi.MetaData{InstanceID: h.Name + "-" + id, LocalHostname: h.Name, ProviderID: claim.ProviderID}}}
+			ConfigDrive: &agentapi.ConfigDrive{MetaData: agentapi.MetaData{InstanceID: instanceID(h), LocalHostname: h.Name, ProviderID: claim.ProviderID}}}
 		return []agentapi.Task{install, {ID: id + "-reboot", Kind: agentapi.TaskReboot}}, nil
 	})
+}
+
+// instanceID is the cloud-init instance-id of the claim's installs. It stays the same for an
+// in-place upgrade, so cloud-init (whose state an A/B image keeps on DATA) does not run the
+// bootstrap (kubeadm join) a second time, and changes with every new claim. It is derived from
+// what survives clusterctl move (the machine's name and the providerID), not the machine's UID.
+func instanceID(h *infrav1.AnvilHost) string {
+	sum := sha256.Sum256([]byte(h.Spec.Claim.MachineRef.Name + "\x00" + h.Spec.Claim.ProviderID))
+	return h.Name + "-" + hex.EncodeToString(sum[:6])
 }
 
 // Deprovision wipes through the agent and powers off. With wipe policy "disabled" no agent is
 // booted: the host is only powered off.
 func (b *Backend) Deprovision(ctx context.Context, h *infrav1.AnvilHost, policy infrav1.WipePolicy, run hoststate.BMCRunner) (hoststate.Outcome, error) {
+	b.mu.Lock()
+	delete(b.reports, types.NamespacedName{Namespace: h.Namespace, Name: h.Name}) // the OS that reported is going away
+	b.mu.Unlock()
 	if policy == infrav1.WipePolicyDisabled {
 		err := run("power-off", func(ctx context.Context, c bmc.Client) error { return c.SetPower(ctx, bmc.PowerActionOff) })
 		return hoststate.Outcome{Done: err == nil}, err
@@ -242,13 +265,15 @@ func (b *Backend) applyLocked(h *infrav1.AnvilHost, a *attempt) {
 	if a.purpose != purposeInstall || h.Spec.Claim == nil || h.Spec.Claim.Image == nil {
 		return
 	}
-	now := metav1.NewTime(b.opts.Now().UTC().Truncate(time.Second))
+	installed := a.installedAt
+	if installed.IsZero() {
+		installed = b.opts.Now()
+	}
+	now := metav1.NewTime(installed.UTC().Truncate(time.Second))
 	content := &infrav1.SlotContent{ImageURL: h.Spec.Claim.Image.URL, Checksum: h.Spec.Claim.Image.Checksum, InstalledAt: &now}
 	slot := infrav1.SlotA
-	for _, t := range a.tasks {
-		if t.Kind == agentapi.TaskInstall && a.lastResultFor(t.ID) != nil && a.lastResultFor(t.ID).Slot != "" {
-			slot = a.lastResultFor(t.ID).Slot
-		}
+	if a.installedSlot != "" {
+		slot = a.installedSlot
 	}
 	slots := h.Status.BootSlots
 	if slots == nil {
@@ -269,13 +294,6 @@ func (b *Backend) applyLocked(h *infrav1.AnvilHost, a *attempt) {
 		}
 	}
 	h.Status.BootSlots = slots
-}
-
-func (a *attempt) lastResultFor(taskID string) *agentapi.Result {
-	if a.lastResult != nil && a.lastResult.TaskID == taskID {
-		return a.lastResult
-	}
-	return nil
 }
 
 func (a *attempt) describe() string {
@@ -420,6 +438,10 @@ func (b *Backend) Result(_ context.Context, ag agentapi.Agent, r agentapi.Result
 	default:
 		res := r
 		a.lastResult = &res
+		if r.OK && r.Kind == agentapi.TaskInstall {
+			a.installedSlot = r.Slot // the reboot's result replaces lastResult before the host controller looks
+			a.installedAt = b.opts.Now()
+		}
 		if !r.OK {
 			a.err = fmt.Errorf("agent %s task failed: %s", r.Kind, strings.TrimSpace(r.Error))
 		} else {
@@ -456,6 +478,24 @@ func (b *Backend) BootstrapData(ctx context.Context, host types.NamespacedName) 
 		return nil, fmt.Errorf("bootstrap Secret %q has no key value", name)
 	}
 	return data, nil
+}
+
+// BootReported implements agentapi.BootReporter: it keeps the host's latest report and wakes
+// its controller. The report token (HMAC, bound to the host) already proved who reports.
+func (b *Backend) BootReported(_ context.Context, host types.NamespacedName, _ string, r agentapi.BootReport) error {
+	b.mu.Lock()
+	b.reports[host] = hoststate.BootReport{Slot: r.Slot, Good: r.Good, Failed: r.Failed, At: b.opts.Now()}
+	b.mu.Unlock()
+	b.notify(host)
+	return nil
+}
+
+// LastBootReport implements hoststate.BootReportSource.
+func (b *Backend) LastBootReport(h *infrav1.AnvilHost) (hoststate.BootReport, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r, ok := b.reports[types.NamespacedName{Namespace: h.Namespace, Name: h.Name}]
+	return r, ok
 }
 
 // current returns the attempt an authenticated agent serves (b.mu held).

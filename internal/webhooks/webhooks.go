@@ -187,6 +187,12 @@ func (w *machineWebhook) ValidateUpdate(_ context.Context, oldM, m *infrav1.Anvi
 		if !reflect.DeepEqual(oldM.Spec.Hardware, m.Spec.Hardware) {
 			errs = append(errs, field.Forbidden(field.NewPath("spec", "hardware"), "cannot change once the machine holds a host; replace the machine instead"))
 		}
+		// A changed image is an in-place A/B upgrade, which needs a root filesystem image on
+		// both sides; a whole-disk image replaces everything, so it takes a new machine.
+		if oldM.Spec.Image.Layout != m.Spec.Image.Layout {
+			errs = append(errs, field.Forbidden(field.NewPath("spec", "image", "layout"),
+				"cannot change once the machine holds a host: in-place upgrades keep the ABRoot layout; replace the machine for a whole-disk image"))
+		}
 	}
 	return nil, invalid("AnvilMachine", m.Name, errs)
 }

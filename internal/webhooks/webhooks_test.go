@@ -131,6 +131,17 @@ func TestMachineWebhook(t *testing.T) {
 	if m.Spec.WipePolicy != infrav1.WipePolicyMetadata {
 		t.Errorf("wipePolicy defaulted to %q", m.Spec.WipePolicy)
 	}
+	// Once it holds a host, a new image is an in-place upgrade (allowed); a new layout is not.
+	m.Status.HostRef = &infrav1.MachineHostReference{Name: "h"}
+	if err := env.Client.Status().Update(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	m.Spec.Image.URL, m.Spec.Image.Checksum = "https://images.example.com/os-v2.img", "sha256:"+strings.Repeat("b", 64)
+	if err := env.Client.Update(ctx, m); err != nil {
+		t.Fatalf("an image change of a provisioned machine was refused: %v", err)
+	}
+	m.Spec.Image.Layout = infrav1.ImageLayoutWholeDisk
+	expectRejected(t, env.Client.Update(ctx, m), "spec.image.layout", "replace the machine")
 }
 
 func TestTemplatesAreImmutableExceptClusterClassDryRun(t *testing.T) {

@@ -137,7 +137,7 @@ func stillRunning(host *infrav1.AnvilHost, claim *infrav1.HostClaim, rec bootRec
 		return false
 	}
 	switch host.Status.State {
-	case infrav1.HostStateProvisioned, infrav1.HostStateRegistering, infrav1.HostStateInspecting, infrav1.HostStateMaintenance, "":
+	case infrav1.HostStateProvisioned, infrav1.HostStateUpgrading, infrav1.HostStateRegistering, infrav1.HostStateInspecting, infrav1.HostStateMaintenance, "":
 		return true
 	}
 	return false

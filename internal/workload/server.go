@@ -261,3 +261,45 @@ var errNoLeader = errors.New("invalid etcd cluster: no leader found")
 
 // pollInterval paces retries of the Kubelet controller.
 const pollInterval = 500 * time.Millisecond
+
+// SetNodeReady sets a workload Node's Ready condition, as its kubelet does when it stops or
+// resumes posting status: what a MachineHealthCheck watches.
+func (s *Server) SetNodeReady(ctx context.Context, cluster client.ObjectKey, node string, ready bool, reason string) error {
+	c, err := s.client(cluster)
+	if err != nil {
+		return err
+	}
+	// Read and write unstructured: the store may hold the Node in either form (see listNodes).
+	u := &unstructured.Unstructured{}
+	u.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Node"))
+	if err := c.Get(ctx, client.ObjectKey{Name: node}, u); err != nil {
+		return err
+	}
+	n := &corev1.Node{}
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, n); err != nil {
+		return err
+	}
+	status := corev1.ConditionFalse
+	if ready {
+		status = corev1.ConditionTrue
+	}
+	found := false
+	for i := range n.Status.Conditions {
+		if cond := &n.Status.Conditions[i]; cond.Type == corev1.NodeReady {
+			found = true
+			if cond.Status != status {
+				cond.Status, cond.Reason, cond.LastTransitionTime = status, reason, metav1.Now()
+			}
+		}
+	}
+	if !found {
+		n.Status.Conditions = append(n.Status.Conditions, corev1.NodeCondition{Type: corev1.NodeReady, Status: status, Reason: reason, LastTransitionTime: metav1.Now()})
+	}
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(n)
+	if err != nil {
+		return err
+	}
+	u.Object = obj
+	u.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Node"))
+	return c.Update(ctx, u)
+}

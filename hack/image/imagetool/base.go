@@ -48,6 +48,12 @@ const (
 // (ipxe.efi with its own drivers, snponly.efi using the firmware's network stack).
 var ipxeFiles = []string{"undionly.kpxe", "ipxe.efi", "snponly.efi"}
 
+// agentAssetsDir holds the agent's kernel and initramfs, the names the boot HTTP server
+// serves under /artifacts/ (cmd/manager --agent-artifacts-dir).
+const agentAssetsDir = "/usr/share/anvil/agent"
+
+var agentFiles = []string{"vmlinuz", "initramfs"}
+
 // epoch is the timestamp of every file and of the config: fixed, so the same inputs give the
 // same digest on every machine and run, and ko's cache keeps hitting.
 var epoch = time.Unix(0, 0).UTC()
@@ -56,6 +62,7 @@ type baseOptions struct {
 	Arch     string // GOARCH-style architecture recorded in the config.
 	CABundle string // Host CA bundle to copy in; skipped if "" or missing.
 	IPXEDir  string // Directory holding ipxeFiles; skipped if "" or none present.
+	AgentDir string // Directory holding agentFiles; the image always gets agentAssetsDir.
 }
 
 // tarEntry is one file or directory of a generated layer.
@@ -110,6 +117,11 @@ func buildBase(o baseOptions, logf func(string, ...any)) (v1.Image, error) {
 	if boot != nil {
 		layers = append(layers, *boot)
 	}
+	agent, err := agentLayer(o.AgentDir, logf)
+	if err != nil {
+		return nil, err
+	}
+	layers = append(layers, agent)
 
 	// OCI media types throughout: ko types the layers it adds after the base's manifest.
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
@@ -169,6 +181,37 @@ func ipxeLayer(ipxeDir string, logf func(string, ...any)) (*mutate.Addendum, err
 	}
 	add := newLayer(entries, "iPXE boot binaries at "+bootAssetsDir)
 	return &add, nil
+}
+
+// agentLayer returns a layer with agentAssetsDir, holding the agent kernel and initramfs
+// from agentDir when both are there. The directory itself is always created: the manager's
+// boot HTTP server opens it at start-up and would not start without it.
+func agentLayer(agentDir string, logf func(string, ...any)) (mutate.Addendum, error) {
+	entries := []tarEntry{dir("/usr", 0o755), dir("/usr/share", 0o755), dir("/usr/share/anvil", 0o755), dir(agentAssetsDir, 0o755)}
+	var bodies [][]byte
+	for _, name := range agentFiles {
+		if agentDir == "" {
+			break
+		}
+		b, err := os.ReadFile(filepath.Join(agentDir, name))
+		if errors.Is(err, fs.ErrNotExist) {
+			bodies = nil
+			break
+		}
+		if err != nil {
+			return mutate.Addendum{}, fmt.Errorf("reading agent artifact: %w", err)
+		}
+		bodies = append(bodies, b)
+	}
+	if len(bodies) == len(agentFiles) {
+		for i, name := range agentFiles {
+			entries = append(entries, tarEntry{name: path.Join(agentAssetsDir, name), mode: 0o644, body: bodies[i]})
+		}
+		logf("agent: including %v from %s", agentFiles, agentDir)
+	} else {
+		logf("agent: no %v in %q; the image has an empty %s (servers cannot boot the agent from it)", agentFiles, agentDir, agentAssetsDir)
+	}
+	return newLayer(entries, "agent kernel and initramfs at "+agentAssetsDir), nil
 }
 
 func dir(name string, mode int64) tarEntry { return tarEntry{name: name, mode: mode} }

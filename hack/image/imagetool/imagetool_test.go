@@ -346,8 +346,30 @@ func TestBaseContents(t *testing.T) {
 	// Missing inputs are skipped, not errors: a machine without ca-certificates or ipxe
 	// still gets an image.
 	bare := testBase(t, baseOptions{CABundle: filepath.Join(t.TempDir(), "none"), IPXEDir: t.TempDir()})
-	if layers, _ := bare.Layers(); len(layers) != 1 {
-		t.Errorf("base without CA/iPXE has %d layers, want 1", len(layers))
+	if layers, _ := bare.Layers(); len(layers) != 2 {
+		t.Errorf("base without CA/iPXE/agent has %d layers, want 2 (files, empty agent directory)", len(layers))
+	}
+}
+
+// The agent directory is always there (the manager opens it at start-up); the kernel and
+// initramfs go in only as a pair.
+func TestBaseAgentArtifacts(t *testing.T) {
+	agent := t.TempDir()
+	for name, body := range map[string]string{"vmlinuz": "kernel", "initramfs": "cpio"} {
+		if err := os.WriteFile(filepath.Join(agent, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files := layerFiles(t, testBase(t, baseOptions{AgentDir: agent}))
+	if files["usr/share/anvil/agent/vmlinuz"] != "kernel" || files["usr/share/anvil/agent/initramfs"] != "cpio" {
+		t.Errorf("agent artifacts missing: %v", files)
+	}
+	if err := os.Remove(filepath.Join(agent, "initramfs")); err != nil {
+		t.Fatal(err)
+	}
+	files = layerFiles(t, testBase(t, baseOptions{AgentDir: agent}))
+	if _, ok := files["usr/share/anvil/agent/vmlinuz"]; ok {
+		t.Error("a kernel without its initramfs was included")
 	}
 }
 

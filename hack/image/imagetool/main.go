@@ -1,6 +1,6 @@
 // Command imagetool is the small helper behind hack/image/build.sh and hack/image/verify.sh.
 //
-//	imagetool base   --layout DIR [--name REF] [--arch ARCH] [--ca-bundle FILE] [--ipxe-dir DIR]
+//	imagetool base   --layout DIR [--name REF] [--arch ARCH] [--ca-bundle FILE] [--ipxe-dir DIR] [--agent-dir DIR]
 //	imagetool verify [--uid N] [--binary-name NAME] [--platform OS/ARCH] [--require-boot-assets] TARBALL
 //
 // "base" writes a minimal, scratch-like base image into an OCI layout (ko's KOCACHE/img) and
@@ -46,6 +46,7 @@ func runBase(args []string) int {
 	fs.StringVar(&o.Arch, "arch", runtime.GOARCH, "architecture recorded in the image config; ko builds for it")
 	fs.StringVar(&o.CABundle, "ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "CA bundle to include if present (\"\" to skip)")
 	fs.StringVar(&o.IPXEDir, "ipxe-dir", "/usr/lib/ipxe", "directory with Debian's iPXE binaries to include if present (\"\" to skip)")
+	fs.StringVar(&o.AgentDir, "agent-dir", "", "directory with the agent's vmlinuz and initramfs to include if both are present")
 	_ = fs.Parse(args)
 	if *layoutDir == "" || fs.NArg() != 0 {
 		fmt.Fprintln(os.Stderr, "imagetool base: --layout is required and no arguments are accepted")

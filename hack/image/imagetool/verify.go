@@ -108,6 +108,26 @@ func verifyTarball(p string, o verifyOptions) (string, []string) {
 		fail("boot assets: want %s under %s, found only %q (was Debian's ipxe package installed when the image was built?)",
 			strings.Join(ipxeFiles, ", "), bootAssetsDir, assets)
 	}
+	// The manager opens the agent directory at start-up (--agent-artifacts-dir); the kernel
+	// and initramfs in it are optional until a build target makes them.
+	var agent []string
+	agentDir := fsys.headers[agentAssetsDir[1:]]
+	for _, name := range agentFiles {
+		if h := fsys.headers[path.Join(agentAssetsDir, name)[1:]]; h != nil && h.Typeflag == tar.TypeReg {
+			agent = append(agent, name)
+		}
+	}
+	switch {
+	case agentDir == nil || agentDir.Typeflag != tar.TypeDir:
+		fmt.Fprintf(&rep, "  agent:       no %s\n", agentAssetsDir)
+		if o.RequireBootAssets {
+			fail("no directory %s: the manager's boot services do not start without it", agentAssetsDir)
+		}
+	case len(agent) == 0:
+		fmt.Fprintf(&rep, "  agent:       %s (empty: no agent kernel and initramfs)\n", agentAssetsDir)
+	default:
+		fmt.Fprintf(&rep, "  agent:       %s: %s\n", agentAssetsDir, strings.Join(agent, " "))
+	}
 	return rep.String(), problems
 }
 

@@ -125,6 +125,9 @@ type ServerOptions struct {
 	OnSecurityEvent func(SecurityEvent)
 	// PollInterval is what RegisterResponse advertises; default 5s.
 	PollInterval time.Duration
+	// ReportTokens and BootReports, when both set, serve boot reports (see bootreport.go).
+	ReportTokens ReportTokenIssuer
+	BootReports  BootReporter
 }
 
 // registration is the server's memory of one host's registered agent.
@@ -169,6 +172,10 @@ func NewServer(o ServerOptions) (*Server, error) {
 	mux.HandleFunc("POST "+PathProgress, s.withAgent(s.progress))
 	mux.HandleFunc("POST "+PathResult, s.withAgent(s.result))
 	mux.HandleFunc("GET "+PathBootstrap, s.withAgent(s.bootstrap))
+	if o.ReportTokens != nil && o.BootReports != nil {
+		mux.HandleFunc("GET "+PathReportToken, s.withAgent(s.reportToken))
+		mux.HandleFunc("POST "+PathBootReport, s.bootReport)
+	}
 	s.mux = mux
 	return s, nil
 }
@@ -446,7 +453,7 @@ func (s *Server) result(w http.ResponseWriter, r *http.Request, a Agent, _ HostV
 }
 
 func (s *Server) bootstrap(w http.ResponseWriter, r *http.Request, a Agent, view HostView) {
-	if view.State != infrav1.HostStateProvisioning {
+	if view.State != infrav1.HostStateProvisioning && view.State != infrav1.HostStateUpgrading {
 		s.event(SecurityEvent{Kind: EventBootstrapRefused, Host: a.Host, Attempt: a.Attempt, TokenID: a.TokenID,
 			RemoteAddr: r.RemoteAddr, Message: fmt.Sprintf("bootstrap data requested while the host is %s", view.State)})
 		writeError(w, http.StatusForbidden, "forbidden", "bootstrap data is available only while the host is provisioning")

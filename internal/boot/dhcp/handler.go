@@ -253,13 +253,25 @@ func (s *Server) bootOptions(p *reply, req *request, file []byte, vendor string,
 	}
 	p.setFile(file)
 	p.opt(optBootfile, file)
-	if vendor != "" {
+	if vendor == "HTTPClient" || (proxy && vendor != "") {
 		// PXE clients recognise a ProxyDHCP offer by option 60; UEFI HTTP clients only accept
-		// an offer that says "HTTPClient".
+		// an offer that says "HTTPClient". A full DHCP answer for a PXE client leaves it out:
+		// EDK2-based UEFI firmware (most servers' and OVMF's) takes an answer that carries an
+		// address and "PXEClient" but no PXE boot-server options for a BINL offer and asks
+		// port 4011 for the boot file instead of loading the one named here — and nothing
+		// answers there in reservation mode. Without option 60 the answer is a plain DHCP
+		// offer with a boot file, which EDK2, BIOS PXE ROMs and iPXE all load (as they do
+		// from an ISC dhcpd with "filename" and "next-server").
 		p.optString(optVendorClass, vendor)
 	}
 	if !bytes.Contains(file, []byte("://")) {
 		p.optString(optTFTPServer, s.tftpName)
+	}
+	if !proxy && isIPXE(req) {
+		// iPXE's no-pxedhcp setting (encapsulated option 175.176): this full answer is all
+		// there is, so iPXE need not wait for ProxyDHCP offers — which it otherwise does for
+		// a few seconds after an offer without "PXEClient".
+		p.b = append(p.b, optIPXEEncap, 3, ipxeNoPXEDHCP, 1, 1)
 	}
 	if vendor == "PXEClient" {
 		if proxy {

@@ -272,6 +272,8 @@ func TestBootfileSelection(t *testing.T) {
 	s := newTestServer(t, ModeReservation, testHosts(t), logr.Discard())
 	efiHTTP := "http://198.18.0.1:8080/boot/ipxe.efi"
 	script := "http://198.18.0.1:8080/ipxe/lab/booting?mac=52:54:00:00:00:02"
+	// A full DHCP answer carries no "PXEClient" (see bootOptions: EDK2 would take it for a
+	// BINL offer); only UEFI HTTP boot needs option 60, "HTTPClient".
 	cases := []struct {
 		name       string
 		mods       []dhcpv4.Modifier
@@ -280,19 +282,19 @@ func TestBootfileSelection(t *testing.T) {
 		tftp, pxe4 bool // option 66 expected; PXE UUID echo expected
 	}{
 		{"plain OS client", nil, "", "", false, false},
-		{"BIOS PXE", pxe(iana.INTEL_X86PC), "undionly.kpxe", "PXEClient", true, true},
-		{"UEFI x64 PXE (BC)", pxe(iana.EFI_BC), "ipxe.efi", "PXEClient", true, true},
-		{"UEFI x64 PXE", pxe(iana.EFI_X86_64), "ipxe.efi", "PXEClient", true, true},
+		{"BIOS PXE", pxe(iana.INTEL_X86PC), "undionly.kpxe", "", true, true},
+		{"UEFI x64 PXE (BC)", pxe(iana.EFI_BC), "ipxe.efi", "", true, true},
+		{"UEFI x64 PXE", pxe(iana.EFI_X86_64), "ipxe.efi", "", true, true},
 		{"UEFI arm64 PXE without binary", pxe(iana.EFI_ARM64), "", "", false, false},
-		{"PXE arch only in vendor class", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00007:UNDI:003016"))}, "ipxe.efi", "PXEClient", true, false},
-		{"old PXE ROM without arch", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient"))}, "undionly.kpxe", "PXEClient", true, false},
+		{"PXE arch only in vendor class", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00007:UNDI:003016"))}, "ipxe.efi", "", true, false},
+		{"old PXE ROM without arch", []dhcpv4.Modifier{dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient"))}, "undionly.kpxe", "", true, false},
 		{"UEFI HTTP boot", []dhcpv4.Modifier{
 			dhcpv4.WithOption(dhcpv4.OptClassIdentifier("HTTPClient:Arch:00016:UNDI:003001")),
 			dhcpv4.WithOption(dhcpv4.OptClientArch(iana.EFI_X86_64_HTTP)),
 		}, efiHTTP, "HTTPClient", false, false},
-		{"iPXE user class", append(pxe(iana.EFI_X86_64), dhcpv4.WithUserClass("iPXE", false)), script, "PXEClient", false, true},
-		{"iPXE RFC 3004 user class", append(pxe(iana.INTEL_X86PC), dhcpv4.WithUserClass("iPXE", true)), script, "PXEClient", false, true},
-		{"iPXE option 175", append(pxe(iana.INTEL_X86PC), dhcpv4.WithOption(dhcpv4.OptGeneric(dhcpv4.GenericOptionCode(175), []byte{0x13, 1, 1}))), script, "PXEClient", false, true},
+		{"iPXE user class", append(pxe(iana.EFI_X86_64), dhcpv4.WithUserClass("iPXE", false)), script, "", false, true},
+		{"iPXE RFC 3004 user class", append(pxe(iana.INTEL_X86PC), dhcpv4.WithUserClass("iPXE", true)), script, "", false, true},
+		{"iPXE option 175", append(pxe(iana.INTEL_X86PC), dhcpv4.WithOption(dhcpv4.OptGeneric(dhcpv4.GenericOptionCode(175), []byte{0x13, 1, 1}))), script, "", false, true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -320,6 +322,11 @@ func TestBootfileSelection(t *testing.T) {
 			}
 			if offer.GetOneOption(dhcpv4.OptionVendorSpecificInformation) != nil {
 				t.Errorf("option 43 in a full DHCP offer")
+			}
+			// iPXE is told not to wait for ProxyDHCP offers; nothing else gets option 175.
+			noWait := []byte{176, 1, 1}
+			if got, want := offer.GetOneOption(dhcpv4.GenericOptionCode(175)), strings.HasPrefix(c.name, "iPXE"); bytes.Equal(got, noWait) != want || (!want && got != nil) {
+				t.Errorf("option 175 %v, want no-pxedhcp %v", got, want)
 			}
 		})
 	}

@@ -46,6 +46,9 @@ const (
 	optClientUUID    byte = 97
 	optIPXEEncap     byte = 175
 	optEnd           byte = 255
+
+	// ipxeNoPXEDHCP is iPXE's "don't wait for ProxyDHCP" setting, inside option 175.
+	ipxeNoPXEDHCP byte = 176
 )
 
 const (

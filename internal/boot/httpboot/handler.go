@@ -21,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -86,7 +87,39 @@ type Options struct {
 	// Images and AgentAPI are mounted under /images/ and /agent/ when set.
 	Images   http.Handler
 	AgentAPI http.Handler
+	// OnServed, when set, is told of every script and artifact response once it is written
+	// (after the last byte for artifacts). It runs on the request's goroutine: keep it short.
+	OnServed func(Served)
 	Log      logr.Logger
+}
+
+// ServedKind says what a Served record is about.
+type ServedKind string
+
+// Kinds of Served records.
+const (
+	ServedEntry    ServedKind = "entry-script" // /ipxe/boot.ipxe, the same for every machine
+	ServedScript   ServedKind = "script"       // a per-host script
+	ServedArtifact ServedKind = "artifact"
+)
+
+// Served records one response of the boot endpoints: which host got which script, and how
+// much of which artifact went out. It is the boot services' own account of a boot, for
+// operators' logs and for tests that boot real firmware.
+type Served struct {
+	Kind ServedKind
+	// Path is the request path; Remote the client's address.
+	Path, Remote string
+	// Status is the HTTP status sent.
+	Status int
+	// MAC (scripts: the MAC asked for, nil if unparsable), the host it belongs to (empty if
+	// unknown) and the script's action.
+	MAC    net.HardwareAddr
+	Host   types.NamespacedName
+	Action Action
+	// Bytes of body written to the connection; Size is the artifact's full size, so a
+	// complete download of the whole file has Bytes == Size (a Range request sends less).
+	Bytes, Size int64
 }
 
 // Handler serves the boot services' HTTP endpoints.
@@ -195,8 +228,12 @@ func (h *Handler) agentBoot(hb HostBoot, tok, mac string) *AgentBoot {
 
 // entryScript is what DHCP hands to iPXE (or what an embedded iPXE script chains to). It is
 // the only script with an iPXE expansion in it, and that expansion is our own constant.
-func (h *Handler) entryScript(w http.ResponseWriter, _ *http.Request) {
-	writeScript(w, []byte("#!ipxe\nchain --replace --autofree "+h.public+"/ipxe/mac/${mac:hexhyp} || exit\n"))
+func (h *Handler) entryScript(w http.ResponseWriter, r *http.Request) {
+	b := []byte("#!ipxe\nchain --replace --autofree " + h.public + "/ipxe/mac/${mac:hexhyp} || exit\n")
+	writeScript(w, b)
+	if h.opts.OnServed != nil {
+		h.opts.OnServed(Served{Kind: ServedEntry, Path: r.URL.Path, Remote: r.RemoteAddr, Status: http.StatusOK, Bytes: int64(len(b)), Size: -1})
+	}
 }
 
 var macRE = regexp.MustCompile(`^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$`)
@@ -211,11 +248,24 @@ func parseMAC(s string) (net.HardwareAddr, bool) {
 }
 
 func (h *Handler) hostScript(w http.ResponseWriter, r *http.Request, rawMAC string) {
+	rec := Served{Kind: ServedScript, Path: r.URL.Path, Remote: r.RemoteAddr, Status: http.StatusOK, Size: -1}
+	if h.opts.OnServed != nil {
+		cw := &countingWriter{ResponseWriter: w}
+		w = cw
+		defer func() {
+			rec.Bytes = cw.n
+			if cw.status != 0 {
+				rec.Status = cw.status
+			}
+			h.opts.OnServed(rec)
+		}()
+	}
 	mac, ok := parseMAC(rawMAC)
 	if !ok {
 		http.Error(w, "mac must be six hex pairs separated by ':' or '-'", http.StatusBadRequest)
 		return
 	}
+	rec.MAC, rec.Action = mac, ActionExit
 	canon := strings.ReplaceAll(mac.String(), ":", "-")
 	log := h.opts.Log.WithValues("mac", mac.String(), "remote", r.RemoteAddr)
 
@@ -227,10 +277,12 @@ func (h *Handler) hostScript(w http.ResponseWriter, r *http.Request, rawMAC stri
 		return
 	case err != nil:
 		log.Error(err, "iPXE script: host lookup failed, telling iPXE to retry")
+		rec.Action = ""
 		h.retryScript(w, canon)
 		return
 	}
 	log = log.WithValues("host", hb.Host.String(), "action", hb.Action)
+	rec.Host, rec.Action = hb.Host, hb.Action
 	switch hb.Action {
 	case ActionExit, ActionLocalDisk:
 		log.V(1).Info("iPXE script")
@@ -238,12 +290,14 @@ func (h *Handler) hostScript(w http.ResponseWriter, r *http.Request, rawMAC stri
 	case ActionAgent:
 		if hb.Attempt == "" {
 			log.Error(nil, "iPXE script: agent boot without a boot attempt; exit")
+			rec.Action = ActionExit
 			h.render(w, log, Script{Action: ActionExit})
 			return
 		}
 		tok, err := h.opts.Tokens.Issue(hb.Host, hb.Attempt, h.opts.TokenTTL)
 		if err != nil {
 			log.Error(err, "iPXE script: issuing boot token failed, telling iPXE to retry")
+			rec.Action = ""
 			h.retryScript(w, canon)
 			return
 		}
@@ -251,6 +305,7 @@ func (h *Handler) hostScript(w http.ResponseWriter, r *http.Request, rawMAC stri
 		h.render(w, log, Script{Action: ActionAgent, BootMode: hb.BootMode, Agent: h.agentBoot(hb, tok, canon)})
 	default:
 		log.Error(nil, "iPXE script: unknown action; exit")
+		rec.Action = ActionExit
 		h.render(w, log, Script{Action: ActionExit})
 	}
 }
@@ -307,5 +362,47 @@ func (h *Handler) artifact(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
-	http.ServeContent(w, r, "", fi.ModTime(), f)
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", fi.ModTime(), f)
+	status := cw.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	h.opts.Log.V(1).Info("artifact served", "path", p, "remote", r.RemoteAddr, "status", status, "bytes", cw.n, "size", fi.Size())
+	if h.opts.OnServed != nil {
+		h.opts.OnServed(Served{Kind: ServedArtifact, Path: r.URL.Path, Remote: r.RemoteAddr, Status: status, Bytes: cw.n, Size: fi.Size()})
+	}
 }
+
+// countingWriter counts the body bytes of a response and remembers its status. It passes
+// ReadFrom through, so http.ServeContent still hands files to sendfile.
+type countingWriter struct {
+	http.ResponseWriter
+	status int
+	n      int64
+}
+
+func (c *countingWriter) WriteHeader(code int) {
+	if c.status == 0 {
+		c.status = code
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(b)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
+		n, err := rf.ReadFrom(r)
+		c.n += n
+		return n, err
+	}
+	return io.Copy(struct{ io.Writer }{c}, r)
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }

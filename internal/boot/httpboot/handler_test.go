@@ -239,3 +239,58 @@ func TestNewHandlerValidatesConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestServedRecords checks the handler's own account of what it served: the host and action
+// behind each script, and the bytes of each artifact against the file's size.
+func TestServedRecords(t *testing.T) {
+	var mu sync.Mutex
+	var recs []Served
+	fx := newFixture(t, func(o *Options) {
+		o.OnServed = func(s Served) { mu.Lock(); defer mu.Unlock(); recs = append(recs, s) }
+	})
+	fx.get(t, "/ipxe/boot.ipxe")
+	fx.get(t, "/ipxe/mac/52-54-00-00-00-01")
+	fx.get(t, "/ipxe/mac/52:54:00:ff:ff:ff")
+	fx.get(t, "/ipxe/mac/nonsense")
+	fx.get(t, "/artifacts/vmlinuz")
+	fx.get(t, "/artifacts/vmlinuz", "Range", "bytes=0-9")
+	fx.get(t, "/artifacts/nope")
+
+	// Records are made before the handler returns, which may be after the client has read
+	// the last byte (sendfile): wait for them.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mu.Lock()
+		n := len(recs)
+		mu.Unlock()
+		if n >= 6 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(recs) != 6 {
+		t.Fatalf("%d records, want 6 (a missing artifact is not served): %+v", len(recs), recs)
+	}
+	entry, agent, unknown, bad, full, part := recs[0], recs[1], recs[2], recs[3], recs[4], recs[5]
+	if entry.Kind != ServedEntry || entry.Path != "/ipxe/boot.ipxe" || entry.MAC != nil || entry.Bytes < 50 {
+		t.Errorf("entry script record %+v", entry)
+	}
+	if agent.Kind != ServedScript || agent.MAC.String() != "52:54:00:00:00:01" || agent.Host.Name != "provisioning" ||
+		agent.Action != ActionAgent || agent.Status != http.StatusOK || agent.Bytes < 100 {
+		t.Errorf("agent script record %+v", agent)
+	}
+	if unknown.Action != ActionExit || unknown.Host.Name != "" || unknown.Bytes != int64(len("#!ipxe\nexit\n")) {
+		t.Errorf("unknown host record %+v", unknown)
+	}
+	if bad.Status != http.StatusBadRequest || bad.MAC != nil {
+		t.Errorf("bad MAC record %+v", bad)
+	}
+	if full.Kind != ServedArtifact || full.Path != "/artifacts/vmlinuz" || full.Status != http.StatusOK || full.Bytes != 10000 || full.Size != 10000 {
+		t.Errorf("full download record %+v", full)
+	}
+	if part.Status != http.StatusPartialContent || part.Bytes != 10 || part.Size != 10000 {
+		t.Errorf("range download record %+v", part)
+	}
+}

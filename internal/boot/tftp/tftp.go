@@ -57,12 +57,15 @@ type Server struct {
 	conn       net.PacketConn
 	started    atomic.Bool
 
-	served, refused, failed atomic.Uint64
+	served, refused, failed, sizeQueries atomic.Uint64
 }
 
 // Stats counts transfers.
 type Stats struct {
 	Served, Refused, Failed uint64
+	// SizeQueries are transfers the client ended after option negotiation (RFC 2347 error
+	// 8), as UEFI firmware does to learn a file's size (tsize) before fetching it.
+	SizeQueries uint64
 }
 
 // New checks cfg and returns a server. It opens no socket: Start (or Listen) does.
@@ -104,7 +107,7 @@ func (s *Server) NeedLeaderElection() bool { return false }
 
 // Stats returns the transfer counters.
 func (s *Server) Stats() Stats {
-	return Stats{Served: s.served.Load(), Refused: s.refused.Load(), Failed: s.failed.Load()}
+	return Stats{Served: s.served.Load(), Refused: s.refused.Load(), Failed: s.failed.Load(), SizeQueries: s.sizeQueries.Load()}
 }
 
 // Listen opens the server's socket. Start calls it; calling it first lets a caller open the
@@ -236,6 +239,15 @@ func (h hook) OnSuccess(st tftp.TransferStats) {
 func (h hook) OnFailure(st tftp.TransferStats, err error) {
 	if st.Filename == "" {
 		return // the library reports read errors on the listening socket here too
+	}
+	// pin/tftp reports the client's error packet only as text. Error 8 in answer to our
+	// option acknowledgement (block 0) is a client that asked for the size and is done.
+	if strings.HasPrefix(err.Error(), "sending block 0: code=8,") {
+		h.s.sizeQueries.Add(1)
+		if h.s.log.V(1).Enabled() {
+			h.s.log.V(1).Info("TFTP size query", "file", st.Filename, "peer", st.RemoteAddr.String(), "tsize", st.Opts["tsize"])
+		}
+		return
 	}
 	h.s.failed.Add(1)
 	if h.s.limiter.allow() {

@@ -270,3 +270,47 @@ func TestNewValidates(t *testing.T) {
 		t.Fatal("listen on a busy port succeeded")
 	}
 }
+
+// TestSizeQueryIsNotAFailure plays UEFI firmware's first request: ask for the size (tsize)
+// with a read request, take the option acknowledgement, and end the transfer with error 8
+// (RFC 2347). That is a normal exchange, not a failed transfer.
+func TestSizeQueryIsNotAFailure(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "ipxe.efi"), bytes.Repeat([]byte("e"), 5000), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	files, err := DirFS(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs logLines
+	s, addr := startServer(t, Config{Files: files, SinglePort: true, Log: logs.logger()})
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rrq := append([]byte{0, 1}, "ipxe.efi\x00octet\x00tsize\x000\x00blksize\x001468\x00"...)
+	if _, err := c.Write(rrq); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 1500)
+	n, err := c.Read(buf)
+	if err != nil || n < 2 || buf[1] != 6 || !bytes.Contains(buf[:n], []byte("tsize\x005000\x00")) {
+		t.Fatalf("want an OACK with tsize 5000, got %q %v", buf[:n], err)
+	}
+	if _, err := c.Write(append([]byte{0, 5, 0, 8}, "User aborted the transfer\x00"...)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Stats().SizeQueries == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if st := s.Stats(); st.SizeQueries != 1 || st.Failed != 0 || st.Served != 0 {
+		t.Fatalf("stats %+v, want one size query and no failure", st)
+	}
+	if len(logs.find("TFTP transfer failed")) != 0 || len(logs.find("TFTP size query")) != 1 {
+		t.Fatalf("logs %v", logs.lines)
+	}
+}

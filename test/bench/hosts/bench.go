@@ -21,17 +21,18 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
 )
 
 // Production defaults the time scale divides (cmd/manager, controllers, internal/bmc).
 const (
-	defaultPowerSync     = 120 * time.Second
-	defaultLeaseDuration = 15 * time.Minute
-	defaultBMCIdle       = 5 * time.Minute
-	defaultBMCTimeout    = 30 * time.Second
-	benchNamespace       = "anvil-bench"
+	defaultPowerSync   = 120 * time.Second
+	defaultBMCIdle     = 5 * time.Minute
+	defaultBMCConnIdle = bmc.DefaultConnIdleTimeout
+	defaultBMCTimeout  = 30 * time.Second
+	benchNamespace     = "anvil-bench"
 )
 
 // Config is one benchmark run.
@@ -39,8 +40,8 @@ type Config struct {
 	Hosts int
 	// Steady is the steady-state window, in wall-clock time.
 	Steady time.Duration
-	// TimeScale divides the manager's periodic intervals (power sync, liveness Lease, BMC
-	// session idle timeout), so a steady window of Steady covers Steady×TimeScale of
+	// TimeScale divides the manager's periodic intervals (power sync, BMC session and
+	// connection idle timeouts), so a steady window of Steady covers Steady×TimeScale of
 	// production time; per-hour figures are scaled back. 1 runs the real defaults.
 	TimeScale float64
 	// TLS serves the emulated BMCs over HTTPS (redfish+https:// with a CA bundle Secret);
@@ -68,7 +69,7 @@ type Config struct {
 }
 
 // DefaultConfig is `make bench`: a 2-minute steady window at ×5 covers 10 minutes of
-// production time (five power polls and about two liveness-Lease renewals per host), and
+// production time (five power polls per host), and
 // the whole run stays near 5 minutes on a 2-core machine.
 func DefaultConfig() Config {
 	return Config{Hosts: 1000, Steady: 120 * time.Second, TimeScale: 5, TLS: true, HostConcurrency: 50,
@@ -193,7 +194,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	mgrSpec := childSpec{Role: roleManager, Kubeconfig: kubeconfig, LogFile: filepath.Join(dir, "manager.log"), ProfileDir: dir,
 		HostConcurrency: cfg.HostConcurrency, BMCConcurrency: cfg.BMCConcurrency, QPS: cfg.QPS, Burst: cfg.Burst,
 		LeaderElect: cfg.LeaderElect, LeaderElectionNS: "default", PowerSync: scale(defaultPowerSync),
-		LeaseDuration: scale(defaultLeaseDuration), BMCIdleTimeout: scale(defaultBMCIdle), BMCTimeout: defaultBMCTimeout}
+		BMCIdleTimeout: scale(defaultBMCIdle), BMCConnIdleTimeout: scale(defaultBMCConnIdle), BMCTimeout: defaultBMCTimeout}
 	var mgrInfo managerReady
 	mgr, err := startChild(ctx, "manager", mgrSpec, dir, &mgrInfo, 3*time.Minute)
 	if err != nil {
@@ -281,7 +282,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	step("all %d Available in %s; letting the manager's writes settle", cfg.Hosts, res.ToAvailable.Round(10*time.Millisecond))
 
 	// Events are sent asynchronously and a host's last patch may still be in flight: wait until
-	// the manager's writes (heartbeats and leader election aside) have stopped for 2 s.
+	// the manager's writes (leader election aside) have stopped for 2 s.
 	onboardEnd, err := settle(ctx, snap, base)
 	if err != nil {
 		return res, err
@@ -536,7 +537,6 @@ func takeSnapshot(ctx context.Context, mgrAddr, bmcAddr string, names map[int]st
 // Every snapshot restarts the manager's sampled RSS peak, so the phase's peak is the highest
 // of them.
 func settle(ctx context.Context, snap func() (snapshot, error), base snapshot) (snapshot, error) {
-	onboarding := func(k apiKey) bool { return !isLeaderElection(k) && !isHeartbeat(k) }
 	var prev int64 = -1
 	var peak int64
 	stableSince := time.Now()
@@ -547,7 +547,7 @@ func settle(ctx context.Context, snap func() (snapshot, error), base snapshot) (
 			return s, err
 		}
 		peak = max(peak, s.mgr.SampledPeakKiB)
-		n := diffAPI(base.mgr.API, s.mgr.API).writes(onboarding)
+		n := diffAPI(base.mgr.API, s.mgr.API).writes(onboardingWrite)
 		if n != prev {
 			prev, stableSince = n, time.Now()
 		}

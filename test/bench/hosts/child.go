@@ -31,19 +31,21 @@ type childSpec struct {
 	MaxSessions int
 
 	// Manager.
-	Kubeconfig       string
-	LogFile          string
-	ProfileDir       string // where /cpuprofile/start?name=onboard|steady writes its profile
-	HostConcurrency  int
-	BMCConcurrency   int
-	QPS              float32 // 0 keeps ctrl.GetConfig's (client-side limiter off), as cmd/manager does
-	Burst            int
-	LeaderElect      bool
-	PowerSync        time.Duration
-	LeaseDuration    time.Duration
-	BMCIdleTimeout   time.Duration
-	BMCTimeout       time.Duration
-	LeaderElectionNS string
+	Kubeconfig      string
+	LogFile         string
+	ProfileDir      string // where /cpuprofile/start?name=onboard|steady writes its profile
+	HostConcurrency int
+	BMCConcurrency  int
+	QPS             float32 // 0 keeps ctrl.GetConfig's (client-side limiter off), as cmd/manager does
+	Burst           int
+	LeaderElect     bool
+	PowerSync       time.Duration
+	BMCIdleTimeout  time.Duration
+	// BMCConnIdleTimeout is the pool's ConnIdleTimeout, scaled like the intervals it is
+	// measured against (kept-alive connections close between power polls in production).
+	BMCConnIdleTimeout time.Duration
+	BMCTimeout         time.Duration
+	LeaderElectionNS   string
 }
 
 const (

@@ -12,8 +12,7 @@ import (
 // code. It wraps the manager's rest.Config transport, so it sees everything the manager
 // sends: the controller's client, the informers, the event broadcaster and leader election.
 type apiCounter struct {
-	// leaderLease is the leader-election Lease's name, counted apart from the per-host
-	// liveness Leases.
+	// leaderLease is the leader-election Lease's name, counted apart from any other Lease.
 	leaderLease string
 
 	mu     sync.Mutex
@@ -106,7 +105,7 @@ func verbOf(req *http.Request) string {
 
 // resourceOf names the resource of an API path: /api/v1/namespaces/ns/secrets/x → secrets,
 // /apis/g/v/namespaces/ns/anvilhosts/x/status → anvilhosts/status. The leader-election
-// Lease is named apart from the hosts' liveness Leases.
+// Lease is named apart from any other Lease.
 func (c *apiCounter) resourceOf(path string) string {
 	parts := strings.Split(strings.Trim(path, "/"), "/")
 	var rest []string
@@ -217,7 +216,3 @@ func appendUnique(s []string, v string) []string {
 }
 
 func isLeaderElection(k apiKey) bool { return k.Resource == "leases(leader-election)" }
-
-// isHeartbeat is a renewal of a host's BMC liveness Lease: periodic by design, not part of
-// bringing a host to Available.
-func isHeartbeat(k apiKey) bool { return k.Resource == "leases" && k.Verb == "UPDATE" }

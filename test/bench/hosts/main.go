@@ -19,13 +19,12 @@
 // The children are this binary re-executed with a role in the environment; they exit when
 // this process closes their stdin or dies.
 //
-// Time scale: the manager's periodic intervals (power sync 120 s, liveness Lease 15 min
-// renewed every third, BMC session idle 5 min) are divided by -time-scale, so a short window
-// covers a long stretch of production time; per-hour figures are scaled back. -time-scale 1
-// with -steady 11m runs the real defaults. The scale applies from the start, so hosts that
-// are Available early are polled a little more often during onboarding than in production,
-// and liveness-Lease renewals that fall inside onboarding are reported but not counted as
-// onboarding writes.
+// Time scale: the manager's periodic intervals (power sync 120 s, BMC session idle 5 min, BMC
+// connection idle 90 s) are
+// divided by -time-scale, so a short window covers a long stretch of production time;
+// per-hour figures are scaled back. -time-scale 1 with -steady 11m runs the real defaults.
+// The scale applies from the start, so hosts that are Available early are polled a little
+// more often during onboarding than in production.
 //
 // The BMCs speak HTTPS (redfish+https://, verified against a CA bundle Secret), as
 // production BMCs should; -tls=false uses redfish+http://. -profile DIR keeps the manager's

@@ -103,7 +103,7 @@ func runManager(ctx context.Context, spec childSpec) error {
 		return fmt.Errorf("creating manager: %w", err)
 	}
 	pool := bmc.NewPool(bmc.PoolOptions{MaxConcurrent: spec.BMCConcurrency, CallTimeout: spec.BMCTimeout,
-		IdleTimeout: spec.BMCIdleTimeout, Metrics: bmc.NewMetrics(ctrlmetrics.Registry)})
+		IdleTimeout: spec.BMCIdleTimeout, ConnIdleTimeout: spec.BMCConnIdleTimeout, Metrics: bmc.NewMetrics(ctrlmetrics.Registry)})
 	if err := mgr.Add(pool); err != nil {
 		return err
 	}
@@ -114,8 +114,7 @@ func runManager(ctx context.Context, spec childSpec) error {
 		Pool:     pool,
 		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: hoststate.Simulated{},
 			PowerSyncInterval: spec.PowerSync},
-		LeaseDuration: spec.LeaseDuration,
-		BMCTimeout:    spec.BMCTimeout,
+		BMCTimeout: spec.BMCTimeout,
 	}
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: spec.HostConcurrency}); err != nil {
 		return fmt.Errorf("setting up the AnvilHost controller: %w", err)

@@ -15,8 +15,8 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
 )
 
-// These tests drive DialBMCLib (bmclib's gofish provider, and gofish for inventory) against
-// the emulated Redfish BMC and against misbehaving servers.
+// These tests drive the Redfish client against the emulated Redfish BMC and against
+// misbehaving servers.
 
 func emulated(t *testing.T, tls bool) (*redfish.Server, *redfish.BMC) {
 	t.Helper()
@@ -46,7 +46,7 @@ func TestRedfishPowerBootAndInventory(t *testing.T) {
 	tg := targetFor(t, "redfish+https://"+b.Addr()+"/redfish/v1/Systems/1", "pw")
 	tg.CAPool = srv.CertPool()
 	ctx := context.Background()
-	c, err := DialBMCLib(ctx, tg)
+	c, err := DialRedfish(ctx, tg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,12 +81,12 @@ func TestRedfishPowerBootAndInventory(t *testing.T) {
 func TestTLSIsVerifiedUnlessTheHostOptsOut(t *testing.T) {
 	_, b := emulated(t, true)
 	tg := targetFor(t, "redfish+https://"+b.Addr()+"/redfish/v1/Systems/1", "pw")
-	_, err := DialBMCLib(context.Background(), tg) // self-signed, no CA given
+	_, err := DialRedfish(context.Background(), tg) // self-signed, no CA given
 	if !errors.Is(err, ErrTLS) {
 		t.Fatalf("got %v, want ErrTLS", err)
 	}
 	tg.InsecureSkipVerify = true
-	c, err := DialBMCLib(context.Background(), tg)
+	c, err := DialRedfish(context.Background(), tg)
 	if err != nil {
 		t.Fatalf("with insecureSkipVerify: %v", err)
 	}
@@ -100,7 +100,7 @@ func TestBadPeersGiveClearErrors(t *testing.T) {
 	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	addr := l.Addr().String()
 	_ = l.Close()
-	if _, err := DialBMCLib(ctx, targetFor(t, "redfish+http://"+addr, "pw")); !errors.Is(err, ErrUnreachable) {
+	if _, err := DialRedfish(ctx, targetFor(t, "redfish+http://"+addr, "pw")); !errors.Is(err, ErrUnreachable) {
 		t.Errorf("closed port: %v, want ErrUnreachable", err)
 	}
 
@@ -110,14 +110,14 @@ func TestBadPeersGiveClearErrors(t *testing.T) {
 		_, _ = w.Write([]byte(`{"@odata.id": "/redfish/v1", "Systems": {`))
 	}))
 	defer garbage.Close()
-	_, err := DialBMCLib(ctx, targetFor(t, "redfish+http://"+strings.TrimPrefix(garbage.URL, "http://"), "pw"))
+	_, err := DialRedfish(ctx, targetFor(t, "redfish+http://"+strings.TrimPrefix(garbage.URL, "http://"), "pw"))
 	if err == nil || Reason(err) == "" {
 		t.Errorf("malformed JSON: %v", err)
 	}
 
 	// Wrong password: classified as an auth failure, password not in the text.
 	_, b := emulated(t, false)
-	_, err = DialBMCLib(ctx, targetFor(t, "redfish+http://"+b.Addr(), "wrong-pw-123"))
+	_, err = DialRedfish(ctx, targetFor(t, "redfish+http://"+b.Addr(), "wrong-pw-123"))
 	if !errors.Is(err, ErrAuth) || strings.Contains(err.Error(), "wrong-pw-123") {
 		t.Errorf("wrong password: %v", err)
 	}
@@ -127,7 +127,7 @@ func TestBadPeersGiveClearErrors(t *testing.T) {
 	tg := targetFor(t, "redfish+http://"+b.Addr(), "pw")
 	tg.Timeout = 500 * time.Millisecond
 	start := time.Now()
-	_, err = DialBMCLib(ctx, tg)
+	_, err = DialRedfish(ctx, tg)
 	if !errors.Is(err, ErrUnreachable) || time.Since(start) > 5*time.Second {
 		t.Errorf("hanging BMC: %v after %s", err, time.Since(start))
 	}

@@ -1,0 +1,355 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/capistack"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/lab"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/workload"
+)
+
+const (
+	labNamespace   = "anvil-demo"
+	labClusterName = "demo"
+)
+
+// labOptions are the lab's flags.
+type labOptions struct {
+	Servers, ControlPlanes, Workers int
+	// Keep leaves everything running after the cluster is up and the faults are handled,
+	// and prints a kubeconfig; the lab then ends on an interrupt.
+	Keep bool
+	// VM makes one server a qemu VM (not available yet: see validate).
+	VM bool
+	// Live redraws the host and machine tables in place (a terminal); otherwise each change
+	// is printed as a line.
+	Live bool
+	Out  io.Writer
+	// Template is the cluster template the lab generates its cluster from.
+	Template          string
+	KubernetesVersion string
+}
+
+func defaultLabOptions() labOptions {
+	return labOptions{Servers: 6, ControlPlanes: 1, Workers: 2, Template: filepath.Join("templates", "cluster-template.yaml"),
+		KubernetesVersion: "v1.35.0", Out: os.Stdout}
+}
+
+func (o labOptions) validate() error {
+	switch {
+	case o.ControlPlanes != 1 && o.ControlPlanes != 3 && o.ControlPlanes != 5:
+		return fmt.Errorf("--control-planes=%d: a kubeadm control plane has 1, 3 or 5 machines", o.ControlPlanes)
+	case o.Workers < 2:
+		return fmt.Errorf("--workers=%d: the lab scales one worker down and fails another; give at least 2", o.Workers)
+	case o.Servers < o.ControlPlanes+o.Workers+2:
+		return fmt.Errorf("--servers=%d: %d control-plane and %d worker machines need at least %d servers "+
+			"(one spare replaces the failed worker, one is retired)", o.Servers, o.ControlPlanes, o.Workers, o.ControlPlanes+o.Workers+2)
+	case o.VM:
+		return fmt.Errorf("--vm: booting a qemu VM needs the agent kernel and initramfs, which this build does not produce yet")
+	}
+	return nil
+}
+
+// labRun is one run of the lab: what it started, so it can stop it all.
+type labRun struct {
+	opts      labOptions
+	out       io.Writer
+	env       *mgmtplane.Environment
+	workloads *workload.Server
+	capi      *capistack.Managers
+	rack      *rack
+	cluster   *generatedCluster
+	images    *imageServer
+	workDir   string
+	stops     []func()
+}
+
+// runLab runs the whole lifecycle; the error names the step that failed.
+func runLab(ctx context.Context, opts labOptions) (err error) {
+	if err := opts.validate(); err != nil {
+		return err
+	}
+	con := newConsole(opts.Out, opts.Live)
+	r := &labRun{opts: opts, out: con}
+	defer func() {
+		con.hideTable()
+		r.stop()
+	}()
+	st := newSteps(con)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	if err := st.run("start the management plane: kube-apiserver and etcd, Cluster API and Anvil CRDs", r.startPlane); err != nil {
+		return err
+	}
+	if err := st.run("start Cluster API v1.14.2: core (with MachineHealthCheck), kubeadm bootstrap, kubeadm control plane; in-memory workload clusters",
+		r.startCAPI); err != nil {
+		return err
+	}
+	if err := st.run("show that bad input is refused with the field and the fix", func() error { return r.badInput(ctx) }); err != nil {
+		return err
+	}
+	var bootURL string
+	if err := st.run("start Anvil: host, machine, cluster and remediation controllers; BMC pool; boot services (iPXE scripts, image cache, agent API)",
+		func() (err error) { bootURL, err = r.startAnvil(ctx); return err }); err != nil {
+		return err
+	}
+	if err := st.run(fmt.Sprintf("rack %d emulated servers over %d zones, each with an empty 20 GiB disk", opts.Servers, len(zones)),
+		func() error { return r.rackServers(ctx, bootURL) }); err != nil {
+		return err
+	}
+	go con.follow(ctx, r.env.Client, labNamespace, r.workloads, client.ObjectKey{Namespace: labNamespace, Name: labClusterName}, r.rack.bmcKind)
+	if err := st.run("onboard: check every BMC, power on, inspect out of band, label by hardware", func() error { return r.onboard(ctx) }); err != nil {
+		return err
+	}
+	if err := st.run(fmt.Sprintf("generate the cluster from %s with clusterctl's template processor (%d control plane, %d workers) and apply it",
+		opts.Template, opts.ControlPlanes, opts.Workers), func() error { return r.createCluster(ctx) }); err != nil {
+		return err
+	}
+	if err := st.run("provision: each machine claims a host, PXE-boots the agent, installs the image into slot A, reboots; kubeadm joins the node",
+		func() error { return r.waitClusterReady(ctx, opts.ControlPlanes, opts.Workers) }); err != nil {
+		return err
+	}
+	if err := st.run("scale the workers down by one: the machine goes, its host is wiped and Available again",
+		func() error { return r.scaleDown(ctx) }); err != nil {
+		return err
+	}
+	if err := st.run("upgrade a worker in place: the new image goes into the inactive slot, boots on trial, passes its health gate, commits",
+		func() error { return r.upgradeInPlace(ctx, "v2", "committed") }); err != nil {
+		return err
+	}
+	if err := st.run("upgrade it to a broken image: its kubelet never gets healthy; after 3 tries GRUB boots the old slot and Anvil says so",
+		func() error { return r.upgradeInPlace(ctx, "v3-BROKEN", "rolled back") }); err != nil {
+		return err
+	}
+	if err := st.run("a worker's kubelet stops reporting Ready (transient): MachineHealthCheck → AnvilRemediation power-cycles it → Ready again",
+		func() error { return r.transientFault(ctx) }); err != nil {
+		return err
+	}
+	var broken string
+	if err := st.run("a worker stays NotReady after the power cycle (permanent): the machine is replaced, its host goes to repair",
+		func() (err error) { broken, err = r.permanentFault(ctx); return err }); err != nil {
+		return err
+	}
+	if err := st.run("the operator repairs "+broken+" and clears maintenance: its released claim makes it wipe before it is Available",
+		func() error { return r.repair(ctx, broken) }); err != nil {
+		return err
+	}
+	var retired string
+	if err := st.run("retire a spare server: wiped by the agent, powered off, Retired (never claimed again)",
+		func() (err error) { retired, err = r.retire(ctx); return err }); err != nil {
+		return err
+	}
+	if opts.Keep {
+		con.hideTable()
+		return r.keep(ctx)
+	}
+	if err := st.run("delete the cluster: every machine goes, every host is wiped back to Available",
+		func() error { return r.deleteCluster(ctx, retired) }); err != nil {
+		return err
+	}
+	con.hideTable()
+	if err := showHosts(ctx, r.env.Config, opts.Out); err != nil {
+		return err
+	}
+	st.printTimeline()
+	return nil
+}
+
+func (r *labRun) stop() {
+	for i := len(r.stops) - 1; i >= 0; i-- {
+		r.stops[i]()
+	}
+}
+
+func (r *labRun) startPlane() error {
+	env, err := mgmtplane.Start()
+	if err != nil {
+		return err
+	}
+	r.env = env
+	r.stops = append(r.stops, func() { _ = env.Stop() })
+	return r.env.Client.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: labNamespace}})
+}
+
+func (r *labRun) startCAPI() error {
+	w, err := workload.Start(workload.Options{})
+	if err != nil {
+		return err
+	}
+	r.workloads = w
+	r.stops = append(r.stops, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = w.Stop(ctx)
+	})
+	capi, err := capistack.Start(r.env.Config, w)
+	if err != nil {
+		return err
+	}
+	// Stopped before the workload server (whose shutdown waits for their connections).
+	r.stops = append(r.stops, func() { _ = capi.Stop(time.Minute) })
+	r.capi = capi
+	return nil
+}
+
+func (r *labRun) badInput(ctx context.Context) error {
+	for _, bad := range badHosts() {
+		err := r.env.Client.Create(ctx, bad.host)
+		if err == nil {
+			return fmt.Errorf("the API server accepted %s", bad.what)
+		}
+		fmt.Fprintf(r.out, "    %s\n      → %s\n", bad.what, firstCause(err))
+	}
+	return nil
+}
+
+func (r *labRun) startAnvil(ctx context.Context) (string, error) {
+	dir, err := os.MkdirTemp("", "anvil-lab-")
+	if err != nil {
+		return "", err
+	}
+	r.workDir = dir
+	r.stops = append(r.stops, func() { removeWorkDir(dir, false) })
+	mgrCtx, stopMgr := context.WithCancel(ctx)
+	r.stops = append(r.stops, stopMgr)
+	boot, err := startManager(mgrCtx, r.env, dir)
+	if err != nil {
+		return "", err
+	}
+	return boot.PublicURL(), nil
+}
+
+func (r *labRun) rackServers(ctx context.Context, bootURL string) error {
+	rk, err := newRack(ctx, r.env.Client, labNamespace, r.opts.Servers, r.workDir, bootURL)
+	if err != nil {
+		return err
+	}
+	r.rack = rk
+	r.stops = append(r.stops, rk.close)
+	fmt.Fprintf(r.out, "    BMCs: %s\n", rk.describe())
+	rk.onOSBoot(func(o lab.OSBoot) {
+		kind := "no bootstrap data"
+		switch {
+		case strings.Contains(string(o.UserData), "kubeadm init"):
+			kind = "kubeadm init"
+		case strings.Contains(string(o.UserData), "kubeadm join"):
+			kind = "kubeadm join"
+		}
+		fmt.Fprintf(r.out, "    %s: OS up from slot %s; config drive: provider-id %s, user-data runs %s (%d bytes)\n",
+			o.Server, o.Slot, o.ProviderID(), kind, len(o.UserData))
+	})
+	return nil
+}
+
+func (r *labRun) onboard(ctx context.Context) error {
+	return r.eventually(ctx, 2*time.Minute, func() (bool, string, error) {
+		hosts, err := r.hosts(ctx)
+		if err != nil {
+			return false, "", err
+		}
+		for _, h := range hosts {
+			if h.Status.State != infrav1.HostStateAvailable {
+				return false, hostWhy(h), nil
+			}
+		}
+		return len(hosts) == r.opts.Servers, "", nil
+	})
+}
+
+// keep prints how to look at the lab and waits for an interrupt.
+func (r *labRun) keep(ctx context.Context) error {
+	path := filepath.Join(r.workDir, "kubeconfig")
+	cfg := r.env.Config
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["anvil-lab"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["anvil-lab"] = &clientcmdapi.AuthInfo{ClientCertificateData: cfg.CertData, ClientKeyData: cfg.KeyData, Token: cfg.BearerToken}
+	kc.Contexts["anvil-lab"] = &clientcmdapi.Context{Cluster: "anvil-lab", AuthInfo: "anvil-lab", Namespace: labNamespace}
+	kc.CurrentContext = "anvil-lab"
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		return err
+	}
+	fmt.Fprintf(r.opts.Out, "\nThe lab keeps running (Ctrl-C ends it and removes everything). Try:\n\n"+
+		"  export KUBECONFIG=%s\n  kubectl get anvilhosts,anvilmachines,machines,kubeadmcontrolplanes\n", path)
+	<-ctx.Done()
+	return nil
+}
+
+// eventually polls cond every 250 ms until it holds; on timeout the error carries cond's
+// last explanation.
+func (r *labRun) eventually(ctx context.Context, timeout time.Duration, cond func() (bool, string, error)) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, why, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if why == "" {
+				why = "condition not met"
+			}
+			return fmt.Errorf("not within %s: %s", timeout, why)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+func (r *labRun) hosts(ctx context.Context) ([]infrav1.AnvilHost, error) {
+	list := &infrav1.AnvilHostList{}
+	if err := r.env.Client.List(ctx, list, client.InNamespace(labNamespace)); err != nil {
+		return nil, err
+	}
+	return list.Items, nil
+}
+
+func (r *labRun) host(ctx context.Context, name string) (*infrav1.AnvilHost, error) {
+	h := &infrav1.AnvilHost{}
+	return h, r.env.Client.Get(ctx, client.ObjectKey{Namespace: labNamespace, Name: name}, h)
+}
+
+// hostWhy explains why a host is not where the lab waits for it.
+func hostWhy(h infrav1.AnvilHost) string {
+	why := fmt.Sprintf("host %s is %s", h.Name, orDash(string(h.Status.State)))
+	if e := h.Status.LastError; e != nil {
+		why += fmt.Sprintf(" (%s: %s)", e.Reason, e.Message)
+	}
+	return why
+}
+
+// mutateHost re-reads, changes and writes a host until the write does not conflict.
+func (r *labRun) mutateHost(ctx context.Context, name string, mutate func(*infrav1.AnvilHost)) error {
+	var err error
+	for range 20 {
+		var h *infrav1.AnvilHost
+		if h, err = r.host(ctx, name); err != nil {
+			return err
+		}
+		mutate(h)
+		if err = r.env.Client.Update(ctx, h); err == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("updating host %s: %w", name, err)
+}
