@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"maps"
 	"testing"
 	"time"
 
@@ -81,5 +82,20 @@ func TestMachinesOfAClusterSpreadOverZones(t *testing.T) {
 	if first.Status.FailureDomain == second.Status.FailureDomain {
 		t.Fatalf("both machines in %s (hosts %s and %s): the second should have gone to the other zone",
 			first.Status.FailureDomain, first.Status.HostRef.Name, second.Status.HostRef.Name)
+	}
+}
+
+func TestHostLabelsFor(t *testing.T) {
+	host := map[string]string{
+		"topology.kubernetes.io/zone":      "zone-a",
+		"anvil.cluster.x-k8s.io/cpu-cores": "32",
+		"anvil.cluster.x-k8s.io/arch":      "amd64",
+		"anvil.cluster.x-k8s.io-other/x":   "no", // shares the prefix's text, not its domain
+		"rack":                             "r7",
+	}
+	got := hostLabelsFor(host, []string{"topology.kubernetes.io/zone", "anvil.cluster.x-k8s.io/", "missing"})
+	want := map[string]string{"topology.kubernetes.io/zone": "zone-a", "anvil.cluster.x-k8s.io/cpu-cores": "32", "anvil.cluster.x-k8s.io/arch": "amd64"}
+	if !maps.Equal(got, want) {
+		t.Errorf("hostLabelsFor = %v, want %v", got, want)
 	}
 }

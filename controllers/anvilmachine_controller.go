@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
+	"sigs.k8s.io/cluster-api/controllers/clustercache"
 	"sigs.k8s.io/cluster-api/util"
 	"sigs.k8s.io/cluster-api/util/annotations"
 	"sigs.k8s.io/cluster-api/util/conditions"
@@ -48,7 +49,7 @@ const reasonNoMatchingHost = "NoMatchingHost"
 
 // ClaimedByLabel on a host carries the UID of the AnvilMachine that claims it, so "which host
 // do I hold?" is one label-selected live read, never answered from a possibly stale cache.
-const ClaimedByLabel = infrav1.LabelDomain + "/claimed-by"
+const ClaimedByLabel = infrav1.ClaimedByLabel
 
 // BlockMoveAnnotation is clusterctl's block-move annotation. The machine controller puts it
 // on a host together with the claim; the host controller removes it once the host is
@@ -70,6 +71,9 @@ type AnvilMachineReconciler struct {
 	APIReader        client.Reader
 	ReleaseTimeout   time.Duration
 	WatchFilterValue string
+	// ClusterCache reaches the workload clusters (to give a Node that joined without a
+	// providerID its own, and copy host labels); nil leaves Nodes alone.
+	ClusterCache clustercache.ClusterCache
 
 	// claims are the hosts this process is claiming or has just claimed, until the cache
 	// shows it: parallel reconciles then choose different hosts instead of racing for the
@@ -126,9 +130,11 @@ func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.
 			predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{}))).
 		Watches(&clusterv1.Machine{}, handler.EnqueueRequestsFromMapFunc(util.MachineToInfrastructureMapFunc(infrav1.GroupVersion.WithKind("AnvilMachine")))).
 		Watches(&infrav1.AnvilHost{}, r.hostEvents()).
-		// Pausing or unpausing the cluster must reach its machines (clusterctl move).
+		// Pausing or unpausing the cluster must reach its machines (clusterctl move), and so
+		// must its control plane's start: their Nodes can join from then on.
 		Watches(&clusterv1.Cluster{}, handler.EnqueueRequestsFromMapFunc(clusterToMachines),
-			builder.WithPredicates(predicates.ClusterPausedTransitions(mgr.GetScheme(), log))).
+			builder.WithPredicates(predicates.Any(mgr.GetScheme(), log, predicates.ClusterPausedTransitions(mgr.GetScheme(), log),
+				predicates.ClusterControlPlaneInitialized(mgr.GetScheme(), log)))).
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
 		Complete(r)
@@ -305,7 +311,7 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 		am.Status.Initialization.Provisioned = ptr.To(true)
 		setCondition(am, ConditionHostProvisioned, true, "Provisioned", "host "+host.Name+" runs the image")
 		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
-		return ctrl.Result{}, nil
+		return r.reconcileNode(ctx, cluster, machine, am, host)
 	case infrav1.HostStateUpgrading:
 		// The machine keeps its node through the upgrade: the active slot stays bootable (the
 		// host blocks clusterctl move meanwhile).

@@ -201,8 +201,15 @@ func main() {
 		os.Exit(1)
 	}
 
+	// Workload clusters, reached with the kubeconfig Secrets Cluster API writes: remediation,
+	// Nodes that join without their providerID, host labels copied to Nodes.
+	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, o.watchFilterValue)
+	if err != nil {
+		setupLog.Error(err, "setting up the workload clusters' cache")
+		os.Exit(1)
+	}
 	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
-		ReleaseTimeout: o.releaseTimeout, WatchFilterValue: o.watchFilterValue}
+		ReleaseTimeout: o.releaseTimeout, WatchFilterValue: o.watchFilterValue, ClusterCache: clusterCache}
 	if err := machines.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: o.machineConcurrency}); err != nil {
 		setupLog.Error(err, "setting up the AnvilMachine controller")
 		os.Exit(1)
@@ -213,11 +220,6 @@ func main() {
 		os.Exit(1)
 	}
 
-	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, o.watchFilterValue)
-	if err != nil {
-		setupLog.Error(err, "setting up the workload clusters' cache")
-		os.Exit(1)
-	}
 	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient(), ClusterCache: clusterCache}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
 		setupLog.Error(err, "setting up the AnvilRemediation controller")
 		os.Exit(1)

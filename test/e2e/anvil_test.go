@@ -57,7 +57,15 @@ func startAnvil(t *testing.T, api *mgmtplane.Environment) *anvilManager {
 		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: hoststate.Simulated{}, PowerSyncInterval: 10 * time.Second,
 			RetryInterval: 500 * time.Millisecond},
 		BMCTimeout: 5 * time.Second}
-	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}
+	// The workload clusters, as cmd/manager reaches them (with the shorter retry the
+	// Cluster API managers here use too).
+	cc, err := controllers.SetupClusterCache(ctx, mgr, "")
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	shortenClusterCacheRetry(cc)
+	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc}
 	clusters := &controllers.AnvilClusterReconciler{Client: mgr.GetClient()}
 	for _, err := range []error{
 		hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}),

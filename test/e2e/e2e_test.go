@@ -8,6 +8,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	eventsv1 "k8s.io/api/events/v1"
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
@@ -16,6 +17,7 @@ import (
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/workload"
 )
 
 // TestClusterLifecycle builds a highly available cluster on nine hosts in three zones with
@@ -23,6 +25,15 @@ import (
 func TestClusterLifecycle(t *testing.T) {
 	f := newFixture(t, 3)
 	defer func() { f.t = t }() // steps run as subtests with their own t
+	// The kubelets of the hosts the workers take (after a control-plane machine in each zone,
+	// spread over the zones, best fit, then name) register their Nodes without a
+	// providerID: Anvil must set it through the ClusterCache.
+	withoutProviderID := []string{"zone-a-1", "zone-b-1", "zone-c-1"}
+	for _, name := range withoutProviderID {
+		h := &infrav1.AnvilHost{}
+		h.Namespace, h.Name = f.ns, name
+		f.update(h, func() { metav1.SetMetaDataAnnotation(&h.ObjectMeta, workload.OmitProviderIDAnnotation, "") })
+	}
 	c := f.createCluster("prod", 3, 2)
 
 	steps := []struct {
@@ -47,6 +58,40 @@ func TestClusterLifecycle(t *testing.T) {
 			if err != nil || len(members) != 3 {
 				t.Errorf("etcd members %v (%v), want one per control-plane machine", members, err)
 			}
+			// checkPlacement found every Node by the providerID Anvil set where the kubelet
+			// gave none; make sure that happened, and that host labels reached the Nodes.
+			fellBack := 0
+			for _, p := range placed {
+				if slices.Contains(withoutProviderID, p.host) {
+					fellBack++
+				}
+			}
+			if fellBack == 0 {
+				t.Errorf("no machine landed on %v, whose kubelets omit the providerID: the fallback was not exercised (placements %v)", withoutProviderID, placed)
+			}
+			nodes, err := workloads.Nodes(f.ctx, c.key())
+			if err != nil {
+				t.Fatal(err)
+			}
+			hosts := map[string]infrav1.AnvilHost{}
+			for _, h := range f.listHosts() {
+				hosts[h.Name] = h
+			}
+			f.eventually("host labels are copied to every Node", 30*time.Second, func() (bool, string) {
+				nodes, err = workloads.Nodes(f.ctx, c.key())
+				if err != nil {
+					return false, err.Error()
+				}
+				for _, n := range nodes {
+					h := hosts[n.Name]
+					for _, key := range []string{infrav1.DefaultFailureDomainLabel, infrav1.LabelDomain + "/cpu-cores"} {
+						if n.Labels[key] == "" || n.Labels[key] != h.Labels[key] {
+							return false, fmt.Sprintf("Node %s: %s=%q, host %q", n.Name, key, n.Labels[key], h.Labels[key])
+						}
+					}
+				}
+				return true, ""
+			})
 		}},
 		{"scaling workers 2 to 1 wipes the released host", func(t *testing.T) {
 			f.t = t
@@ -60,7 +105,7 @@ func TestClusterLifecycle(t *testing.T) {
 			if len(released) != 1 {
 				t.Fatalf("hosts released by the scale-down: %v, want exactly one\n%s", released, f.describe())
 			}
-			f.waitWiped(released, time.Minute)
+			f.waitWiped(released, time.Minute, true)
 			// The machines that stayed kept their hosts.
 			for _, p := range after {
 				if b, ok := before[p.machine]; !ok || b.host != p.host {
@@ -97,13 +142,14 @@ func TestClusterLifecycle(t *testing.T) {
 			}
 			// Cluster API shows the reason on the Machine too.
 			name := strings.SplitN(waiting[0], ":", 2)[0]
-			m := &clusterv1.Machine{}
-			if err := f.get(name, m); err != nil {
-				t.Fatal(err)
-			}
-			if c := conditions.Get(m, clusterv1.MachineInfrastructureReadyCondition); c == nil || !strings.Contains(c.Message, want) {
-				t.Errorf("Machine %s's InfrastructureReady condition %+v does not say why it waits", name, c)
-			}
+			f.eventually("the waiting Machine's InfrastructureReady condition says why", 30*time.Second, func() (bool, string) {
+				m := &clusterv1.Machine{}
+				if err := f.get(name, m); err != nil {
+					return false, err.Error()
+				}
+				c := conditions.Get(m, clusterv1.MachineInfrastructureReadyCondition)
+				return c != nil && strings.Contains(c.Message, want), fmt.Sprintf("Machine %s: InfrastructureReady %+v", name, c)
+			})
 			f.checkNoDoubleClaims()
 		}},
 		{"deleting the cluster wipes every host", func(t *testing.T) {
@@ -121,7 +167,7 @@ func TestClusterLifecycle(t *testing.T) {
 				ams := f.listAnvilMachines()
 				return isNotFound(err) && len(ams) == 0, fmt.Sprintf("cluster: %v; %d AnvilMachines left", err, len(ams))
 			})
-			f.waitWiped(claimed, time.Minute)
+			f.waitWiped(claimed, time.Minute, true)
 			for _, h := range f.listHosts() {
 				if h.Status.State != infrav1.HostStateAvailable || h.Spec.Claim != nil || h.Labels[controllers.ClaimedByLabel] != "" {
 					t.Errorf("host %s after the cluster's deletion: state %s, claim %+v, claimed-by %q", h.Name, h.Status.State, h.Spec.Claim,
@@ -181,7 +227,10 @@ func TestAnvilRestartsAtEveryTransition(t *testing.T) {
 	t.Logf("%d restarts of the Anvil manager while scaling down", restarts)
 	c.waitReady(1, 1, 2*time.Minute)
 	after := f.checkPlacement(c)
-	f.waitWiped(releasedHosts(before, after), time.Minute)
+	// The Event of a transition can be lost with a manager stopped right after it (Events
+	// are sent once the reconcile's writes are done): the power-off after the release shows
+	// the wipe here.
+	f.waitWiped(releasedHosts(before, after), time.Minute, false)
 	f.checkNoDoubleClaims()
 	t.Logf("host history:\n%s", f.history.render())
 }
@@ -377,10 +426,10 @@ func (f *fixture) claimedHosts() []string {
 
 // waitWiped waits until each host is Available without a claim or boot slots, and checks
 // that it got there the way a release must: the claim marked released, the host state
-// machine through Deprovisioning (an Event says so; the Simulated provisioner finishes it
-// within one reconcile, so the state is never written), and the server powered off by the
-// wipe after the release.
-func (f *fixture) waitWiped(hosts []string, timeout time.Duration) {
+// machine through Deprovisioning (with wantEvent, an Event says so; the Simulated provisioner
+// finishes it within one reconcile, so the state is never written), and the server powered
+// off by the wipe after the release.
+func (f *fixture) waitWiped(hosts []string, timeout time.Duration, wantEvent bool) {
 	f.t.Helper()
 	f.eventually(fmt.Sprintf("hosts %v are wiped and Available without a claim", hosts), timeout, func() (bool, string) {
 		for _, name := range hosts {
@@ -391,8 +440,8 @@ func (f *fixture) waitWiped(hosts []string, timeout time.Duration) {
 			if h.Status.State != infrav1.HostStateAvailable || h.Spec.Claim != nil || h.Labels[controllers.ClaimedByLabel] != "" || h.Status.BootSlots != nil {
 				return false, fmt.Sprintf("host %s: %s, claim %+v, boot slots %+v", name, h.Status.State, h.Spec.Claim, h.Status.BootSlots)
 			}
-			if !f.hasEvent(name, string(infrav1.HostStateDeprovisioning)) {
-				return false, fmt.Sprintf("host %s: no %s Event", name, infrav1.HostStateDeprovisioning)
+			if wantEvent && !f.passedThrough(name, infrav1.HostStateDeprovisioning) {
+				return false, fmt.Sprintf("host %s: no Event shows it passing through %s", name, infrav1.HostStateDeprovisioning)
 			}
 		}
 		return true, ""
@@ -415,14 +464,18 @@ func (f *fixture) waitWiped(hosts []string, timeout time.Duration) {
 	}
 }
 
-// hasEvent reports whether an Event with this reason was recorded for the host.
-func (f *fixture) hasEvent(host, reason string) bool {
+// passedThrough reports whether the host's Events show it in state: an Event with that
+// reason, or one whose note lists the state among the changes of one reconcile (the host
+// controller sends one Event per reconcile, e.g. "Provisioned → Deprovisioning → Inspecting →
+// Available").
+func (f *fixture) passedThrough(host string, state infrav1.HostState) bool {
 	evs := &eventsv1.EventList{}
 	if err := f.api.Client.List(f.ctx, evs, client.InNamespace(f.ns)); err != nil {
 		return false
 	}
 	for _, e := range evs.Items {
-		if e.Regarding.Kind == "AnvilHost" && e.Regarding.Name == host && e.Reason == reason {
+		if e.Regarding.Kind == "AnvilHost" && e.Regarding.Name == host &&
+			(e.Reason == string(state) || strings.Contains(e.Note, "→ "+string(state))) {
 			return true
 		}
 	}
