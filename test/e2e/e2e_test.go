@@ -8,8 +8,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	eventsv1 "k8s.io/api/events/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	"sigs.k8s.io/cluster-api/util/conditions"
@@ -88,6 +88,9 @@ func TestClusterLifecycle(t *testing.T) {
 						if n.Labels[key] == "" || n.Labels[key] != h.Labels[key] {
 							return false, fmt.Sprintf("Node %s: %s=%q, host %q", n.Name, key, n.Labels[key], h.Labels[key])
 						}
+					}
+					if v, ok := n.Labels[controllers.ClaimedByLabel]; ok {
+						t.Errorf("Node %s carries the claim's bookkeeping label %s=%s", n.Name, controllers.ClaimedByLabel, v)
 					}
 				}
 				return true, ""
