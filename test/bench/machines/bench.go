@@ -9,10 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -24,6 +26,7 @@ import (
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
@@ -87,6 +90,8 @@ type Result struct {
 	Latencies []time.Duration
 	// WriteLatency is the mean time each kind of write took, as the manager saw it.
 	WriteLatency map[string]time.Duration
+	// ManagerEnv is the environment config/manager/manager.yaml gives the manager.
+	ManagerEnv []string
 }
 
 // WritesPerHost is the manager's writes (any outcome) per host, end to end.
@@ -144,7 +149,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := writeKubeconfig(kubeconfig, proxy.URL); err != nil {
 		return nil, err
 	}
-	mgr, err := startManager(managerBin, kubeconfig, cfg, dir)
+	res.ManagerEnv, err = deployedEnv()
+	if err != nil {
+		return nil, err
+	}
+	mgr, err := startManager(managerBin, kubeconfig, res.ManagerEnv, cfg, dir)
 	if err != nil {
 		return nil, err
 	}
@@ -207,7 +216,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 // startManager runs cmd/manager as deployed, with the simulated provisioner, against the
 // counting proxy. Leader election is off: outside a cluster it needs a namespace that
 // cmd/manager takes from the pod it runs in.
-func startManager(bin, kubeconfig string, cfg Config, dir string) (*process, error) {
+func startManager(bin, kubeconfig string, env []string, cfg Config, dir string) (*process, error) {
 	args := []string{"--provisioner=simulated", "--webhooks=false", "--leader-elect=false",
 		"--metrics-bind-address=0", "--health-probe-bind-address=0"}
 	if cfg.HostConcurrency > 0 {
@@ -221,8 +230,39 @@ func startManager(bin, kubeconfig string, cfg Config, dir string) (*process, err
 	}
 	args = append(args, cfg.ExtraManagerArgs...)
 	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig)
+	cmd.Env = append(append(os.Environ(), env...), "KUBECONFIG="+kubeconfig)
 	return start("manager", cmd, dir)
+}
+
+// deployedEnv is the manager container's environment in config/manager/manager.yaml (e.g.
+// GOMEMLIMIT), so that the manager runs here as it is deployed.
+func deployedEnv() ([]string, error) {
+	root, err := repoRoot()
+	if err != nil {
+		return nil, err
+	}
+	raw, err := os.ReadFile(filepath.Join(root, "config", "manager", "manager.yaml"))
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, doc := range strings.Split(string(raw), "\n---") {
+		d := &appsv1.Deployment{}
+		if err := yaml.Unmarshal([]byte(doc), d); err != nil || d.Kind != "Deployment" {
+			continue
+		}
+		for _, c := range d.Spec.Template.Spec.Containers {
+			if c.Name != "manager" {
+				continue
+			}
+			for _, e := range c.Env {
+				if e.ValueFrom == nil {
+					out = append(out, e.Name+"="+e.Value)
+				}
+			}
+		}
+	}
+	return out, nil
 }
 
 // writeKubeconfig points the manager at the proxy, which adds the credentials.

@@ -40,6 +40,9 @@ func (r *Result) Print(w io.Writer) {
 	fmt.Fprintf(w, "  %-50s %9s\n", "  hosts created → every host Available", round(r.HostsAvailable))
 	fmt.Fprintf(w, "  %-50s %9s\n", "  end to end (hosts created → all provisioned)", round(r.EndToEnd))
 	fmt.Fprintf(w, "  %-50s %6d MiB   target ≤ %d MiB %s\n", "controller peak RSS (VmHWM, whole run)", r.PeakRSSKiB>>10, targetRSSMiB, verdict(r.PeakRSSKiB>>10 <= targetRSSMiB))
+	if len(r.ManagerEnv) > 0 {
+		fmt.Fprintf(w, "  %-50s %s\n", "  (environment as config/manager deploys it:", strings.Join(r.ManagerEnv, " ")+")")
+	}
 	fmt.Fprintf(w, "  %-50s %9.1f   target ≤ %.0f      %s\n", "API writes per host, end to end", r.WritesPerHost(), targetWrites, verdict(r.WritesPerHost() <= targetWrites))
 	fmt.Fprintf(w, "  %-50s %9.1f\n", "  onboarding (host created → Available)", float64(r.Onboard.writes())/float64(cfg.Hosts))
 	fmt.Fprintf(w, "  %-50s %9.1f\n", "  provisioning (machine created → provisioned)", float64(r.Provision.writes())/float64(cfg.Hosts))
