@@ -197,7 +197,7 @@ func (r *labRun) startCAPI() error {
 		defer cancel()
 		_ = w.Stop(ctx)
 	})
-	capi, err := capistack.Start(r.env.Config, w)
+	capi, err := capistack.Start(r.env.Config, capistack.Options{Workloads: w})
 	if err != nil {
 		return err
 	}

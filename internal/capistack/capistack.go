@@ -72,19 +72,23 @@ func Scheme() *k8sruntime.Scheme {
 	return s
 }
 
+// Options say what one set of Cluster API managers serves.
+type Options struct {
+	// Workloads plays the workload clusters: their API servers and the booted servers' kubelets.
+	Workloads *workload.Server
+	// Instance tells apart two sets started in one process (a clusterctl move's source and
+	// target): client-go refuses two informers of the same name.
+	Instance string
+}
+
 // Start starts Cluster API's controllers against the management cluster at cfg, and the
-// workload Kubelet (which plays the booted servers of workloads) beside the core ones.
-func Start(cfg *rest.Config, workloads *workload.Server) (*Managers, error) {
+// workload Kubelet (which plays the booted servers of opts.Workloads) beside the core ones.
+func Start(cfg *rest.Config, opts Options) (*Managers, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Managers{cancel: cancel}
-	setups := []func(context.Context, *rest.Config) (manager.Manager, error){
-		func(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
-			return setupCore(ctx, cfg, workloads)
-		},
-		setupBootstrap, setupControlPlane,
-	}
+	setups := []func(context.Context, *rest.Config, Options) (manager.Manager, error){setupCore, setupBootstrap, setupControlPlane}
 	for _, setup := range setups {
-		mgr, err := setup(ctx, cfg)
+		mgr, err := setup(ctx, cfg, opts)
 		if err != nil {
 			_ = c.Stop(time.Minute)
 			return nil, err
@@ -132,8 +136,10 @@ func newCAPIManager(cfg *rest.Config, name string, cache func(*k8sruntime.Scheme
 
 func concurrency(n int) controller.Options { return controller.Options{MaxConcurrentReconciles: n} }
 
-// shortenClusterCacheRetry applies clusterCacheRetry (the method is on the unexported type).
-func shortenClusterCacheRetry(cc clustercache.ClusterCache) {
+// ShortenClusterCacheRetry applies clusterCacheRetry (the method is on the unexported type):
+// the in-process managers, and Anvil's own ClusterCache in tests, reconnect to a workload
+// cluster within a second instead of the default ten.
+func ShortenClusterCacheRetry(cc clustercache.ClusterCache) {
 	if s, ok := cc.(interface{ SetConnectionCreationRetryInterval(time.Duration) }); ok {
 		s.SetConnectionCreationRetryInterval(clusterCacheRetry)
 	}
@@ -141,8 +147,8 @@ func shortenClusterCacheRetry(cc clustercache.ClusterCache) {
 
 // setupCore mirrors core/main.go for the Cluster, Machine, MachineSet, MachineDeployment and
 // MachineHealthCheck controllers, and adds the workload Kubelet.
-func setupCore(ctx context.Context, cfg *rest.Config, workloads *workload.Server) (manager.Manager, error) {
-	const name = "capi-core"
+func setupCore(ctx context.Context, cfg *rest.Config, opts Options) (manager.Manager, error) {
+	name := "capi-core" + opts.Instance
 	mgr, err := newCAPIManager(cfg, name, func(s *k8sruntime.Scheme) ctrl.Options {
 		return ctrl.Options{Cache: coresetup.ManagerCacheOptions(s, name, "", 10*time.Minute), Client: coresetup.ManagerClientOptions()}
 	})
@@ -161,7 +167,7 @@ func setupCore(ctx context.Context, cfg *rest.Config, workloads *workload.Server
 	if err != nil {
 		return nil, err
 	}
-	shortenClusterCacheRetry(cc)
+	ShortenClusterCacheRetry(cc)
 	if err := (&clusterreconciler.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc,
 		RemoteConnectionGracePeriod: remoteConnectionGracePeriod}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
@@ -182,13 +188,13 @@ func setupCore(ctx context.Context, cfg *rest.Config, workloads *workload.Server
 		SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
 	}
-	kubelet := &workload.Kubelet{Client: mgr.GetClient(), Server: workloads}
+	kubelet := &workload.Kubelet{Client: mgr.GetClient(), Server: opts.Workloads}
 	return mgr, kubelet.SetupWithManager(mgr, concurrency(5))
 }
 
 // setupBootstrap mirrors bootstrap/kubeadm/main.go.
-func setupBootstrap(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
-	const name = "capi-kubeadm-bootstrap"
+func setupBootstrap(ctx context.Context, cfg *rest.Config, opts Options) (manager.Manager, error) {
+	name := "capi-kubeadm-bootstrap" + opts.Instance
 	mgr, err := newCAPIManager(cfg, name, func(s *k8sruntime.Scheme) ctrl.Options {
 		return ctrl.Options{Cache: bootstrapsetup.ManagerCacheOptions(s, name, "", 10*time.Minute), Client: bootstrapsetup.ManagerClientOptions()}
 	})
@@ -204,14 +210,14 @@ func setupBootstrap(ctx context.Context, cfg *rest.Config) (manager.Manager, err
 	if err != nil {
 		return nil, err
 	}
-	shortenClusterCacheRetry(cc)
+	ShortenClusterCacheRetry(cc)
 	return mgr, (&kubeadmconfig.Reconciler{Client: mgr.GetClient(), SecretCachingClient: secrets, APIReader: mgr.GetAPIReader(),
 		ClusterCache: cc, TokenTTL: kubeadmconfig.DefaultTokenTTL}).SetupWithManager(ctx, mgr, concurrency(10))
 }
 
 // setupControlPlane mirrors controlplane/kubeadm/main.go.
-func setupControlPlane(ctx context.Context, cfg *rest.Config) (manager.Manager, error) {
-	const name = "capi-kubeadm-control-plane"
+func setupControlPlane(ctx context.Context, cfg *rest.Config, opts Options) (manager.Manager, error) {
+	name := "capi-kubeadm-control-plane" + opts.Instance
 	mgr, err := newCAPIManager(cfg, name, func(s *k8sruntime.Scheme) ctrl.Options {
 		return ctrl.Options{Cache: controlplanesetup.ManagerCacheOptions(s, name, "", 10*time.Minute), Client: controlplanesetup.ManagerClientOptions()}
 	})
@@ -227,7 +233,7 @@ func setupControlPlane(ctx context.Context, cfg *rest.Config) (manager.Manager, 
 	if err != nil {
 		return nil, err
 	}
-	shortenClusterCacheRetry(cc)
+	ShortenClusterCacheRetry(cc)
 	return mgr, (&kubeadmcontrolplane.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), SecretCachingClient: secrets,
 		ClusterCache: cc, EtcdDialTimeout: etcdDialTimeout, EtcdCallTimeout: etcdCallTimeout, EtcdLogger: zap.NewNop(),
 		RemoteConditionsGracePeriod: remoteConditionsGracePeriod}).SetupWithManager(ctx, mgr,

@@ -16,6 +16,7 @@ import (
 
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/capistack"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 )
@@ -64,7 +65,7 @@ func startAnvil(t *testing.T, api *mgmtplane.Environment) *anvilManager {
 		cancel()
 		t.Fatal(err)
 	}
-	shortenClusterCacheRetry(cc)
+	capistack.ShortenClusterCacheRetry(cc)
 	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc}
 	clusters := &controllers.AnvilClusterReconciler{Client: mgr.GetClient()}
 	for _, err := range []error{

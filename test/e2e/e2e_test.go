@@ -144,14 +144,16 @@ func TestClusterLifecycle(t *testing.T) {
 				t.Errorf("the waiting machine says %q, want %q", waiting[0], want)
 			}
 			// Cluster API shows the reason on the Machine too.
+			// (The Machine controller mirrors the AnvilMachine's Ready condition on its next
+			// reconcile, which can lag on a loaded machine.)
 			name := strings.SplitN(waiting[0], ":", 2)[0]
-			f.eventually("the waiting Machine's InfrastructureReady condition says why", 30*time.Second, func() (bool, string) {
+			f.eventually("the Machine says why it waits", time.Minute, func() (bool, string) {
 				m := &clusterv1.Machine{}
 				if err := f.get(name, m); err != nil {
 					return false, err.Error()
 				}
 				c := conditions.Get(m, clusterv1.MachineInfrastructureReadyCondition)
-				return c != nil && strings.Contains(c.Message, want), fmt.Sprintf("Machine %s: InfrastructureReady %+v", name, c)
+				return c != nil && strings.Contains(c.Message, want), fmt.Sprintf("Machine %s's InfrastructureReady condition: %+v", name, c)
 			})
 			f.checkNoDoubleClaims()
 		}},
@@ -230,9 +232,8 @@ func TestAnvilRestartsAtEveryTransition(t *testing.T) {
 	t.Logf("%d restarts of the Anvil manager while scaling down", restarts)
 	c.waitReady(1, 1, 2*time.Minute)
 	after := f.checkPlacement(c)
-	// The Event of a transition can be lost with a manager stopped right after it (Events
-	// are sent once the reconcile's writes are done): the power-off after the release shows
-	// the wipe here.
+	// Events are best effort: one sent by a manager that is stopped right after its write
+	// may never arrive, so here the wipe shows by the state and the power-off alone.
 	f.waitWiped(releasedHosts(before, after), time.Minute, false)
 	f.checkNoDoubleClaims()
 	t.Logf("host history:\n%s", f.history.render())
@@ -429,9 +430,9 @@ func (f *fixture) claimedHosts() []string {
 
 // waitWiped waits until each host is Available without a claim or boot slots, and checks
 // that it got there the way a release must: the claim marked released, the host state
-// machine through Deprovisioning (with wantEvent, an Event says so; the Simulated provisioner
-// finishes it within one reconcile, so the state is never written), and the server powered
-// off by the wipe after the release.
+// machine through Deprovisioning (an Event says so; the Simulated provisioner finishes it
+// within one reconcile, so the state is never written), and the server powered off by the
+// wipe after the release.
 func (f *fixture) waitWiped(hosts []string, timeout time.Duration, wantEvent bool) {
 	f.t.Helper()
 	f.eventually(fmt.Sprintf("hosts %v are wiped and Available without a claim", hosts), timeout, func() (bool, string) {
@@ -443,8 +444,8 @@ func (f *fixture) waitWiped(hosts []string, timeout time.Duration, wantEvent boo
 			if h.Status.State != infrav1.HostStateAvailable || h.Spec.Claim != nil || h.Labels[controllers.ClaimedByLabel] != "" || h.Status.BootSlots != nil {
 				return false, fmt.Sprintf("host %s: %s, claim %+v, boot slots %+v", name, h.Status.State, h.Spec.Claim, h.Status.BootSlots)
 			}
-			if wantEvent && !f.passedThrough(name, infrav1.HostStateDeprovisioning) {
-				return false, fmt.Sprintf("host %s: no Event shows it passing through %s", name, infrav1.HostStateDeprovisioning)
+			if wantEvent && !f.hasEvent(name, string(infrav1.HostStateDeprovisioning)) {
+				return false, fmt.Sprintf("host %s: no %s Event", name, infrav1.HostStateDeprovisioning)
 			}
 		}
 		return true, ""
@@ -467,18 +468,16 @@ func (f *fixture) waitWiped(hosts []string, timeout time.Duration, wantEvent boo
 	}
 }
 
-// passedThrough reports whether the host's Events show it in state: an Event with that
-// reason, or one whose note lists the state among the changes of one reconcile (the host
-// controller sends one Event per reconcile, e.g. "Provisioned → Deprovisioning → Inspecting →
-// Available").
-func (f *fixture) passedThrough(host string, state infrav1.HostState) bool {
+// hasEvent reports whether an Event with this reason was recorded for the host.
+func (f *fixture) hasEvent(host, reason string) bool {
 	evs := &eventsv1.EventList{}
 	if err := f.api.Client.List(f.ctx, evs, client.InNamespace(f.ns)); err != nil {
 		return false
 	}
 	for _, e := range evs.Items {
-		if e.Regarding.Kind == "AnvilHost" && e.Regarding.Name == host &&
-			(e.Reason == string(state) || strings.Contains(e.Note, "→ "+string(state))) {
+		// The host controller sends one Event per reconcile; its note lists every state the
+		// host passed through ("Provisioned → Deprovisioning → Inspecting → Available").
+		if e.Regarding.Kind == "AnvilHost" && e.Regarding.Name == host && (e.Reason == reason || strings.Contains(e.Note, "→ "+reason)) {
 			return true
 		}
 	}

@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/capistack"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 )
 
@@ -149,7 +150,7 @@ func startTargetManagementCluster(t *testing.T, f *fixture) *targetCluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	capi, err := startCAPI(api.Config, "-target")
+	capi, err := capistack.Start(api.Config, capistack.Options{Workloads: workloads, Instance: "-target"})
 	if err != nil {
 		_ = api.Stop()
 		t.Fatal(err)
@@ -160,7 +161,7 @@ func startTargetManagementCluster(t *testing.T, f *fixture) *targetCluster {
 	t.Cleanup(func() {
 		cancel()
 		anvil.stop(t)
-		if err := capi.stop(time.Minute); err != nil {
+		if err := capi.Stop(time.Minute); err != nil {
 			t.Errorf("stopping the target's Cluster API controllers: %v", err)
 		}
 		f.api = source // f's cleanup purges the source

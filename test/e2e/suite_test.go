@@ -31,6 +31,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/capistack"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/workload"
 )
@@ -77,7 +78,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	capi, err := startCAPI(env.Config, "")
+	capi, err := capistack.Start(env.Config, capistack.Options{Workloads: workloads})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starting Cluster API's controllers:", err)
 		return 1
@@ -89,7 +90,7 @@ func run(m *testing.M) int {
 
 	// Controllers first, then the workload server they talk to (its shutdown waits for open
 	// connections), then the API server.
-	if err := capi.stop(time.Minute); err != nil {
+	if err := capi.Stop(time.Minute); err != nil {
 		fmt.Fprintln(os.Stderr, "stopping Cluster API's controllers:", err)
 		code = 1
 	}
