@@ -98,7 +98,8 @@ type AnvilMachineStatus struct {
 	// +kubebuilder:validation:MaxLength=256
 	FailureDomain string `json:"failureDomain,omitempty"`
 
-	// conditions: Ready, HostClaimed, HostProvisioned.
+	// conditions: Ready, HostClaimed, HostProvisioned, NodeIdentity (only once a Node of the
+	// host's name had another machine's providerID).
 	// +optional
 	// +listType=map
 	// +listMapKey=type
