@@ -49,8 +49,12 @@ test-e2e: envtest test-deps ## Only the Cluster API end-to-end suite (KCP, Machi
 bench-hosts: envtest ## 1,000 emulated Redfish BMCs to Available, then steady state (BENCH_ARGS="-hosts 100").
 	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go run ./test/bench/hosts $(BENCH_ARGS)
 
+.PHONY: bench-machines
+bench-machines: envtest ## 5,000 AnvilHosts and 5,000 AnvilMachines, simulated provisioning: time, peak RSS, writes per host (BENCH_MACHINES_ARGS="-hosts 1000").
+	KUBEBUILDER_ASSETS=$(ENVTEST_DIR) go run ./test/bench/machines $(BENCH_MACHINES_ARGS)
+
 .PHONY: bench
-bench: bench-hosts envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
+bench: bench-hosts bench-machines envtest test-deps ## Benchmarks, each printing the peer measured in the same run (dnsmasq, nginx, curl|zstd|dd).
 	@hack/install-bench-deps.sh
 	go test -run '^$$' -bench ThousandBMCs -benchtime 1x ./internal/vbmc/redfish/
 	go test -run '^$$' -bench DHCPLoadgen -benchtime 1x -timeout 30m ./internal/boot/dhcp/

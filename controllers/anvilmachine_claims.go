@@ -70,22 +70,26 @@ func (l *claimLedger) snapshot() map[types.NamespacedName]struct{} {
 	return out
 }
 
-// settled forgets the claims that hosts (read from the cache) now show.
-func (l *claimLedger) settled(hosts []infrav1.AnvilHost, claiming map[types.NamespacedName]struct{}) {
+// settled forgets the claims the cache has caught up with: listed are hosts just read from
+// it (all, or only the claimable ones); a host being claimed that is not among them
+// unclaimed is either claimed in the cache now or out of the choice anyway.
+func (l *claimLedger) settled(listed []infrav1.AnvilHost, claiming map[types.NamespacedName]struct{}) {
 	if len(claiming) == 0 {
 		return
 	}
-	var seen []types.NamespacedName
-	for i := range hosts {
-		key := client.ObjectKeyFromObject(&hosts[i])
-		if _, ok := claiming[key]; ok && hosts[i].Spec.Claim != nil {
-			seen = append(seen, key)
+	unclaimed := make(map[types.NamespacedName]bool, len(claiming))
+	for i := range listed {
+		key := client.ObjectKeyFromObject(&listed[i])
+		if _, ok := claiming[key]; ok && listed[i].Spec.Claim == nil {
+			unclaimed[key] = true
 		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, k := range seen {
-		delete(l.hosts, k)
+	for k := range claiming {
+		if !unclaimed[k] {
+			delete(l.hosts, k)
+		}
 	}
 }
 

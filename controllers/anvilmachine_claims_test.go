@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"maps"
 	"testing"
 	"time"
 
@@ -68,5 +69,33 @@ func TestMachineWritesWaitForTheCache(t *testing.T) {
 	w.remember(k, "not-a-number")
 	if w.cacheBehind(k, "3") {
 		t.Error("versions that do not compare must never hold a reconcile back")
+	}
+}
+
+// TestMachinesOfAClusterSpreadOverZones: machines without a failure domain go to the zone
+// holding the fewest of their cluster's hosts, though a claim looks only at claimable hosts
+// (the cluster's own are counted through their index).
+func TestMachinesOfAClusterSpreadOverZones(t *testing.T) {
+	f := newCAPIFixture(t, "zone-a", "zone-a", "zone-b")
+	first := f.waitMachine(f.machine("w-0", "").Name, "was provisioned", provisioned)
+	second := f.waitMachine(f.machine("w-1", "").Name, "was provisioned", provisioned)
+	if first.Status.FailureDomain == second.Status.FailureDomain {
+		t.Fatalf("both machines in %s (hosts %s and %s): the second should have gone to the other zone",
+			first.Status.FailureDomain, first.Status.HostRef.Name, second.Status.HostRef.Name)
+	}
+}
+
+func TestHostLabelsFor(t *testing.T) {
+	host := map[string]string{
+		"topology.kubernetes.io/zone":      "zone-a",
+		"anvil.cluster.x-k8s.io/cpu-cores": "32",
+		"anvil.cluster.x-k8s.io/arch":      "amd64",
+		"anvil.cluster.x-k8s.io-other/x":   "no", // shares the prefix's text, not its domain
+		"rack":                             "r7",
+	}
+	got := hostLabelsFor(host, []string{"topology.kubernetes.io/zone", "anvil.cluster.x-k8s.io/", "missing"})
+	want := map[string]string{"topology.kubernetes.io/zone": "zone-a", "anvil.cluster.x-k8s.io/cpu-cores": "32", "anvil.cluster.x-k8s.io/arch": "amd64"}
+	if !maps.Equal(got, want) {
+		t.Errorf("hostLabelsFor = %v, want %v", got, want)
 	}
 }

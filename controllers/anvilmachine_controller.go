@@ -12,8 +12,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kerrors "k8s.io/apimachinery/pkg/util/errors"
+	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
+	"sigs.k8s.io/cluster-api/controllers/clustercache"
 	"sigs.k8s.io/cluster-api/util"
 	"sigs.k8s.io/cluster-api/util/annotations"
 	"sigs.k8s.io/cluster-api/util/conditions"
@@ -24,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -41,9 +44,12 @@ const (
 	ConditionImageUpToDate = "ImageUpToDate"
 )
 
+// reasonNoMatchingHost says a machine waits because no host fits (the message says why).
+const reasonNoMatchingHost = "NoMatchingHost"
+
 // ClaimedByLabel on a host carries the UID of the AnvilMachine that claims it, so "which host
 // do I hold?" is one label-selected live read, never answered from a possibly stale cache.
-const ClaimedByLabel = infrav1.LabelDomain + "/claimed-by"
+const ClaimedByLabel = infrav1.ClaimedByLabel
 
 // BlockMoveAnnotation is clusterctl's block-move annotation. The machine controller puts it
 // on a host together with the claim; the host controller removes it once the host is
@@ -65,6 +71,9 @@ type AnvilMachineReconciler struct {
 	APIReader        client.Reader
 	ReleaseTimeout   time.Duration
 	WatchFilterValue string
+	// ClusterCache reaches the workload clusters (to give a Node that joined without a
+	// providerID its own, and copy host labels); nil leaves Nodes alone.
+	ClusterCache clustercache.ClusterCache
 
 	// claims are the hosts this process is claiming or has just claimed, until the cache
 	// shows it: parallel reconciles then choose different hosts instead of racing for the
@@ -74,9 +83,41 @@ type AnvilMachineReconciler struct {
 	writes machineWrites
 }
 
+// Cache indexes of the machine controller: claimable hosts (a claim looks at those only) and
+// machines waiting for a host (a host becoming claimable wakes those only).
+const (
+	claimableHostIndex  = "anvil.claimable"
+	clusterHostIndex    = "anvil.claimCluster"
+	waitingMachineIndex = "anvil.waitingForHost"
+)
+
 // SetupWithManager registers the controller.
 func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager, options controller.Options) error {
 	log := ctrl.LoggerFrom(ctx)
+	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, claimableHostIndex, func(o client.Object) []string {
+		if placement.Claimable(o.(*infrav1.AnvilHost)) {
+			return []string{"true"}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, clusterHostIndex, func(o client.Object) []string {
+		if c := o.(*infrav1.AnvilHost).Spec.Claim; c != nil && !c.Released && c.ClusterName != "" {
+			return []string{c.ClusterName}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilMachine{}, waitingMachineIndex, func(o client.Object) []string {
+		if waitingForHost(o.(*infrav1.AnvilMachine)) {
+			return []string{"true"}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
 	clusterToMachines, err := util.ClusterToTypedObjectsMapper(mgr.GetClient(), &infrav1.AnvilMachineList{}, mgr.GetScheme())
 	if err != nil {
 		return err
@@ -88,37 +129,71 @@ func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.
 		For(&infrav1.AnvilMachine{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{},
 			predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{}))).
 		Watches(&clusterv1.Machine{}, handler.EnqueueRequestsFromMapFunc(util.MachineToInfrastructureMapFunc(infrav1.GroupVersion.WithKind("AnvilMachine")))).
-		Watches(&infrav1.AnvilHost{}, handler.EnqueueRequestsFromMapFunc(r.hostToMachines)).
-		// Pausing or unpausing the cluster must reach its machines (clusterctl move).
+		Watches(&infrav1.AnvilHost{}, r.hostEvents()).
+		// Pausing or unpausing the cluster must reach its machines (clusterctl move), and so
+		// must its control plane's start: their Nodes can join from then on.
 		Watches(&clusterv1.Cluster{}, handler.EnqueueRequestsFromMapFunc(clusterToMachines),
-			builder.WithPredicates(predicates.ClusterPausedTransitions(mgr.GetScheme(), log))).
+			builder.WithPredicates(predicates.Any(mgr.GetScheme(), log, predicates.ClusterPausedTransitions(mgr.GetScheme(), log),
+				predicates.ClusterControlPlaneInitialized(mgr.GetScheme(), log)))).
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
 		Complete(r)
 }
 
-// hostToMachines wakes the machine holding a host, or, for an unclaimed Available host, the
-// machines of that namespace still waiting for one.
-func (r *AnvilMachineReconciler) hostToMachines(ctx context.Context, o client.Object) []reconcile.Request {
-	h := o.(*infrav1.AnvilHost)
-	if c := h.Spec.Claim; c != nil {
-		return []reconcile.Request{{NamespacedName: client.ObjectKey{Namespace: h.Namespace, Name: c.MachineRef.Name}}}
-	}
-	if h.Status.State != infrav1.HostStateAvailable {
-		return nil
-	}
-	machines := &infrav1.AnvilMachineList{}
-	// Read-only use of the cache's own objects: no copy of every machine per host event.
-	if err := r.Client.List(ctx, machines, client.InNamespace(h.Namespace), client.UnsafeDisableDeepCopy); err != nil {
-		return nil
-	}
-	var reqs []reconcile.Request
-	for _, m := range machines.Items {
-		if m.Status.HostRef == nil && m.DeletionTimestamp.IsZero() {
-			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&m)})
+// hostEvents wakes the machine holding a host whenever the host changes; and when a host
+// becomes claimable (created Available, wiped, out of maintenance), the machines waiting for
+// one. A host that was claimable already wakes nobody new: the waiting machines have seen it.
+func (r *AnvilMachineReconciler) hostEvents() handler.Funcs {
+	holder := func(h *infrav1.AnvilHost, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+		if c := h.Spec.Claim; c != nil {
+			q.Add(reconcile.Request{NamespacedName: client.ObjectKey{Namespace: h.Namespace, Name: c.MachineRef.Name}})
 		}
 	}
-	return reqs
+	return handler.Funcs{
+		CreateFunc: func(ctx context.Context, e event.CreateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			if h, ok := e.Object.(*infrav1.AnvilHost); ok {
+				holder(h, q)
+				if placement.Claimable(h) {
+					r.wakeWaiting(ctx, h.Namespace, q)
+				}
+			}
+		},
+		UpdateFunc: func(ctx context.Context, e event.UpdateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			o, okOld := e.ObjectOld.(*infrav1.AnvilHost)
+			n, okNew := e.ObjectNew.(*infrav1.AnvilHost)
+			if !okOld || !okNew {
+				return
+			}
+			holder(o, q) // a claim that went (released and wiped) concerns its machine too
+			holder(n, q)
+			if placement.Claimable(n) && !placement.Claimable(o) {
+				r.wakeWaiting(ctx, n.Namespace, q)
+			}
+		},
+		DeleteFunc: func(_ context.Context, e event.DeleteEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			if h, ok := e.Object.(*infrav1.AnvilHost); ok {
+				holder(h, q)
+			}
+		},
+	}
+}
+
+// wakeWaiting enqueues the machines of namespace that wait for a host.
+func (r *AnvilMachineReconciler) wakeWaiting(ctx context.Context, namespace string, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+	machines := &infrav1.AnvilMachineList{}
+	if err := r.Client.List(ctx, machines, client.InNamespace(namespace), client.MatchingFields{waitingMachineIndex: "true"},
+		client.UnsafeDisableDeepCopy); err != nil {
+		return
+	}
+	for i := range machines.Items {
+		q.Add(reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&machines.Items[i])})
+	}
+}
+
+// waitingForHost reports whether a machine found no host the last time it looked.
+func waitingForHost(am *infrav1.AnvilMachine) bool {
+	return am.Status.HostRef == nil && am.DeletionTimestamp.IsZero() &&
+		conditions.GetReason(am, ConditionHostClaimed) == reasonNoMatchingHost
 }
 
 // Reconcile follows CAPD's order: object, owner Machine, Cluster, pause, patch on return,
@@ -187,6 +262,7 @@ func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request
 		if _, err := patchMachine(ctx, r.Client, before, am); err != nil {
 			return ctrl.Result{}, err
 		}
+		r.writes.remember(req.NamespacedName, am.ResourceVersion)
 		before = am.DeepCopy()
 	}
 	return r.reconcileNormal(ctx, cluster, machine, am, neverClaimed)
@@ -235,7 +311,7 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 		am.Status.Initialization.Provisioned = ptr.To(true)
 		setCondition(am, ConditionHostProvisioned, true, "Provisioned", "host "+host.Name+" runs the image")
 		setCondition(am, clusterv1.ReadyCondition, true, "Ready", "")
-		return ctrl.Result{}, nil
+		return r.reconcileNode(ctx, cluster, machine, am, host)
 	case infrav1.HostStateUpgrading:
 		// The machine keeps its node through the upgrade: the active slot stays bootable (the
 		// host blocks clusterctl move meanwhile).
@@ -283,16 +359,25 @@ func (r *AnvilMachineReconciler) syncImage(ctx context.Context, host *infrav1.An
 // choose again. No lock is held; two machines can never both win one host.
 func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, ctrl.Result, error) {
 	hosts := &infrav1.AnvilHostList{}
-	// The cache's own objects, read-only (placement does not modify them): copying every
-	// host for every claim would dominate the cost of a large fleet.
-	if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace), client.UnsafeDisableDeepCopy); err != nil {
+	// Only the claimable hosts, from the cache's own objects, read-only (placement does not
+	// modify them): copying the whole fleet for every claim would dominate the cost of a
+	// large one.
+	if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace), client.MatchingFields{claimableHostIndex: "true"},
+		client.UnsafeDisableDeepCopy); err != nil {
 		return nil, ctrl.Result{}, err
 	}
 	req := placement.Request{Hardware: am.Spec.Hardware, FailureDomainLabel: r.failureDomainLabel(ctx, cluster)}
 	if machine.Spec.FailureDomain != "" {
 		req.FailureDomain = machine.Spec.FailureDomain
 	} else {
+		// Spreading counts the hosts the cluster holds (not among the claimable ones).
+		held := &infrav1.AnvilHostList{}
+		if err := r.Client.List(ctx, held, client.InNamespace(am.Namespace), client.MatchingFields{clusterHostIndex: machine.Spec.ClusterName},
+			client.UnsafeDisableDeepCopy); err != nil {
+			return nil, ctrl.Result{}, err
+		}
 		req.SpreadCluster = machine.Spec.ClusterName
+		req.ClusterLoad = placement.ClusterLoad(held.Items, req.FailureDomainLabel, machine.Spec.ClusterName)
 	}
 	if am.Spec.HostSelector != nil {
 		sel, err := metav1.LabelSelectorAsSelector(am.Spec.HostSelector)
@@ -311,14 +396,21 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 		return ok
 	}
 	choice := placement.Choose(hosts.Items, req)
+	if choice.Host == nil {
+		// Explaining the wait takes every host into account, not only the claimable ones.
+		if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace), client.UnsafeDisableDeepCopy); err != nil {
+			return nil, ctrl.Result{}, err
+		}
+		choice = placement.Choose(hosts.Items, req)
+	}
 	r.claims.settled(hosts.Items, claiming)
 	if choice.Host == nil {
 		msg := choice.Explain()
 		if req.FailureDomain != "" {
 			msg += " (failure domain " + req.FailureDomain + ")"
 		}
-		setCondition(am, ConditionHostClaimed, false, "NoMatchingHost", msg)
-		setCondition(am, clusterv1.ReadyCondition, false, "NoMatchingHost", msg)
+		setCondition(am, ConditionHostClaimed, false, reasonNoMatchingHost, msg)
+		setCondition(am, clusterv1.ReadyCondition, false, reasonNoMatchingHost, msg)
 		return nil, ctrl.Result{RequeueAfter: time.Minute}, nil
 	}
 

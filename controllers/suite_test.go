@@ -47,7 +47,13 @@ func TestMain(m *testing.M) {
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}); err != nil {
 		panic(err)
 	}
-	machines := &AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}
+	// The workload clusters are reached as cmd/manager reaches them; a test that needs one
+	// gives its Cluster a kubeconfig Secret for this same API server (anvilmachine_node_test.go).
+	clusterCache, err := SetupClusterCache(ctx, mgr, "")
+	if err != nil {
+		panic(err)
+	}
+	machines := &AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: clusterCache}
 	if err := machines.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}); err != nil {
 		panic(err)
 	}

@@ -58,6 +58,17 @@ type AnvilMachineSpec struct {
 	// +optional
 	// +kubebuilder:default=metadata
 	WipePolicy WipePolicy `json:"wipePolicy,omitempty"`
+
+	// hostLabelsToNode lists host labels to copy to the machine's Node once it has joined:
+	// label keys (e.g. topology.kubernetes.io/zone), or prefixes ending in "/" for every label
+	// under them (e.g. anvil.cluster.x-k8s.io/ for the hardware labels). Labels are added or
+	// updated on the Node, never removed.
+	// +optional
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=32
+	// +kubebuilder:validation:items:MinLength=1
+	// +kubebuilder:validation:items:MaxLength=317
+	HostLabelsToNode []string `json:"hostLabelsToNode,omitempty"`
 }
 
 // AnvilMachineInitializationStatus is the v1beta2 contract's initialization block.
@@ -87,7 +98,8 @@ type AnvilMachineStatus struct {
 	// +kubebuilder:validation:MaxLength=256
 	FailureDomain string `json:"failureDomain,omitempty"`
 
-	// conditions: Ready, HostClaimed, HostProvisioned.
+	// conditions: Ready, HostClaimed, HostProvisioned, NodeIdentity (only once a Node of the
+	// host's name had another machine's providerID).
 	// +optional
 	// +listType=map
 	// +listMapKey=type

@@ -66,16 +66,17 @@ func startManager(ctx context.Context, env *mgmtplane.Environment, workDir strin
 	if err := hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}); err != nil {
 		return nil, err
 	}
-	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}
+	// The workload clusters: Nodes without a providerID, host labels to Nodes, remediation.
+	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, "")
+	if err != nil {
+		return nil, err
+	}
+	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: clusterCache}
 	if err := machines.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
 		return nil, err
 	}
 	clusters := &controllers.AnvilClusterReconciler{Client: mgr.GetClient()}
 	if err := clusters.SetupWithManager(ctx, mgr, controller.Options{}); err != nil {
-		return nil, err
-	}
-	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, "")
-	if err != nil {
 		return nil, err
 	}
 	remediations := &controllers.AnvilRemediationReconciler{Client: mgr.GetClient(), ClusterCache: clusterCache}

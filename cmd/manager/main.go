@@ -38,6 +38,7 @@ import (
 type options struct {
 	metricsAddr        string
 	probeAddr          string
+	pprofAddr          string
 	leaderElect        bool
 	watchNamespace     string
 	watchFilterValue   string
@@ -70,6 +71,7 @@ func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
 	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":8443", "Address the metrics endpoint binds to; 0 disables it.")
 	fs.StringVar(&o.probeAddr, "health-probe-bind-address", ":9440", "Address the health and readiness probes bind to.")
+	fs.StringVar(&o.pprofAddr, "pprof-bind-address", "", "Address of the Go profiling endpoint (/debug/pprof); empty turns it off.")
 	fs.BoolVar(&o.leaderElect, "leader-elect", true, "Elect a leader so only one replica reconciles.")
 	fs.StringVar(&o.watchNamespace, "namespace", "", "Watch only this namespace (default: all).")
 	fs.StringVar(&o.watchFilterValue, "watch-filter", "", "Reconcile only objects labelled cluster.x-k8s.io/watch-filter with this value.")
@@ -122,6 +124,7 @@ func main() {
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: o.metricsAddr, SecureServing: true},
 		HealthProbeBindAddress: o.probeAddr,
+		PprofBindAddress:       o.pprofAddr,
 		LeaderElection:         o.leaderElect,
 		LeaderElectionID:       "controller-leader-election-capanvil",
 		// controller-runtime v0.24.1's priority queue can deadlock on shutdown
@@ -201,8 +204,15 @@ func main() {
 		os.Exit(1)
 	}
 
+	// Workload clusters, reached with the kubeconfig Secrets Cluster API writes: remediation,
+	// Nodes that join without their providerID, host labels copied to Nodes.
+	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, o.watchFilterValue)
+	if err != nil {
+		setupLog.Error(err, "setting up the workload clusters' cache")
+		os.Exit(1)
+	}
 	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
-		ReleaseTimeout: o.releaseTimeout, WatchFilterValue: o.watchFilterValue}
+		ReleaseTimeout: o.releaseTimeout, WatchFilterValue: o.watchFilterValue, ClusterCache: clusterCache}
 	if err := machines.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: o.machineConcurrency}); err != nil {
 		setupLog.Error(err, "setting up the AnvilMachine controller")
 		os.Exit(1)
@@ -213,11 +223,6 @@ func main() {
 		os.Exit(1)
 	}
 
-	clusterCache, err := controllers.SetupClusterCache(ctx, mgr, o.watchFilterValue)
-	if err != nil {
-		setupLog.Error(err, "setting up the workload clusters' cache")
-		os.Exit(1)
-	}
 	if err := (&controllers.AnvilRemediationReconciler{Client: mgr.GetClient(), ClusterCache: clusterCache}).SetupWithManager(mgr, controller.Options{MaxConcurrentReconciles: 5}); err != nil {
 		setupLog.Error(err, "setting up the AnvilRemediation controller")
 		os.Exit(1)

@@ -141,8 +141,10 @@ func newCAPIManager(cfg *rest.Config, name string, cache func(*k8sruntime.Scheme
 
 func concurrency(n int) controller.Options { return controller.Options{MaxConcurrentReconciles: n} }
 
-// shortenClusterCacheRetry applies clusterCacheRetry (the method is on the unexported type).
-func shortenClusterCacheRetry(cc clustercache.ClusterCache) {
+// ShortenClusterCacheRetry applies clusterCacheRetry (the method is on the unexported type):
+// the in-process managers, and Anvil's own ClusterCache in tests, reconnect to a workload
+// cluster within a second instead of the default ten.
+func ShortenClusterCacheRetry(cc clustercache.ClusterCache) {
 	if s, ok := cc.(interface{ SetConnectionCreationRetryInterval(time.Duration) }); ok {
 		s.SetConnectionCreationRetryInterval(clusterCacheRetry)
 	}
@@ -170,7 +172,7 @@ func setupCore(ctx context.Context, cfg *rest.Config, opts Options) (manager.Man
 	if err != nil {
 		return nil, err
 	}
-	shortenClusterCacheRetry(cc)
+	ShortenClusterCacheRetry(cc)
 	if err := (&clusterreconciler.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc,
 		RemoteConnectionGracePeriod: remoteConnectionGracePeriod}).SetupWithManager(ctx, mgr, concurrency(10)); err != nil {
 		return nil, err
@@ -213,7 +215,7 @@ func setupBootstrap(ctx context.Context, cfg *rest.Config, opts Options) (manage
 	if err != nil {
 		return nil, err
 	}
-	shortenClusterCacheRetry(cc)
+	ShortenClusterCacheRetry(cc)
 	return mgr, (&kubeadmconfig.Reconciler{Client: mgr.GetClient(), SecretCachingClient: secrets, APIReader: mgr.GetAPIReader(),
 		ClusterCache: cc, TokenTTL: kubeadmconfig.DefaultTokenTTL}).SetupWithManager(ctx, mgr, concurrency(10))
 }
@@ -236,7 +238,7 @@ func setupControlPlane(ctx context.Context, cfg *rest.Config, opts Options) (man
 	if err != nil {
 		return nil, err
 	}
-	shortenClusterCacheRetry(cc)
+	ShortenClusterCacheRetry(cc)
 	return mgr, (&kubeadmcontrolplane.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), SecretCachingClient: secrets,
 		ClusterCache: cc, EtcdDialTimeout: etcdDialTimeout, EtcdCallTimeout: etcdCallTimeout, EtcdLogger: zap.NewNop(),
 		RemoteConditionsGracePeriod: remoteConditionsGracePeriod, RuntimeClient: opts.RuntimeClient}).SetupWithManager(ctx, mgr,

@@ -30,6 +30,10 @@ type Request struct {
 	// cluster come first (a MachineDeployment without failure domains then still survives
 	// the loss of one zone). It is a preference, never a reason to refuse a host.
 	SpreadCluster string
+	// ClusterLoad, when set, is how many hosts per failure domain SpreadCluster holds, counted
+	// by the caller (which then need pass only the hosts it may choose from); otherwise the
+	// claims among hosts are counted.
+	ClusterLoad map[string]int
 	// Claimed, when set, reports hosts that are taken though their objects do not show it
 	// yet (the caller is claiming them, or its cache lags behind its own claim).
 	Claimed func(*infrav1.AnvilHost) bool
@@ -105,11 +109,18 @@ func Choose(hosts []infrav1.AnvilHost, req Request) Result {
 	return res
 }
 
+// Claimable reports whether h could be claimed by any machine that asks for nothing in
+// particular: Available, unclaimed, not in maintenance, retired or being deleted.
+func Claimable(h *infrav1.AnvilHost) bool { return reject(h, Request{}) == "" }
+
 // clusterLoad counts, per failure domain, the hosts claimed for req.SpreadCluster (nil when
-// not spreading).
+// not spreading); see ClusterLoad.
 func clusterLoad(hosts []infrav1.AnvilHost, req Request) map[string]int {
 	if req.SpreadCluster == "" || req.FailureDomain != "" {
 		return nil
+	}
+	if req.ClusterLoad != nil {
+		return req.ClusterLoad
 	}
 	load := map[string]int{}
 	for i := range hosts {
@@ -199,4 +210,16 @@ func failureDomainLabel(req Request) string {
 		return req.FailureDomainLabel
 	}
 	return infrav1.DefaultFailureDomainLabel
+}
+
+// ClusterLoad counts, per value of label, the hosts whose live claim is cluster's: what
+// Request.ClusterLoad wants, from the hosts a cluster holds.
+func ClusterLoad(hosts []infrav1.AnvilHost, label, cluster string) map[string]int {
+	load := map[string]int{}
+	for i := range hosts {
+		if c := hosts[i].Spec.Claim; c != nil && !c.Released && c.ClusterName == cluster {
+			load[hosts[i].Labels[label]]++
+		}
+	}
+	return load
 }

@@ -130,6 +130,16 @@ func TestSpreadClusterOverFailureDomains(t *testing.T) {
 	if r := Choose(hosts, Request{SpreadCluster: "other", FailureDomain: "zone-c"}); r.Host == nil || r.Host.Name != "c2" {
 		t.Fatalf("chose %v, want c2", r.Host)
 	}
+
+	// A caller that passes only the hosts it may claim counts the cluster's hosts itself.
+	hosts[0].Spec.Claim.Released, hosts[1].Spec.Claim.Released = false, false
+	load := ClusterLoad(hosts, infrav1.DefaultFailureDomainLabel, "prod")
+	if load["zone-a"] != 1 || load["zone-b"] != 1 || load["zone-c"] != 0 {
+		t.Fatalf("ClusterLoad %v", load)
+	}
+	if r := Choose(hosts[3:], Request{SpreadCluster: "prod", ClusterLoad: load}); r.Host == nil || r.Host.Name != "c2" {
+		t.Fatalf("spreading over claimable hosts only chose %v, want c2", r.Host)
+	}
 }
 
 // TestHostsBeingClaimedCountAsClaimed: a host the caller is claiming right now (its object

@@ -6,6 +6,7 @@ package webhooks
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/url"
 	"reflect"
@@ -169,7 +170,27 @@ func (w *machineWebhook) validateSpec(s infrav1.AnvilMachineSpec, path *field.Pa
 	if hw := s.Hardware; hw != nil && hw.GPUModel != "" && hw.MinGPUs == 0 {
 		errs = append(errs, field.Invalid(path.Child("hardware", "gpuModel"), hw.GPUModel, "set hardware.minGPUs too: a GPU model without a count selects nothing"))
 	}
+	for i, key := range s.HostLabelsToNode {
+		errs = append(errs, validateLabelKeyOrPrefix(key, path.Child("hostLabelsToNode").Index(i))...)
+	}
 	return errs
+}
+
+// validateLabelKeyOrPrefix accepts a label key (prefix/name or name) or a prefix ending in
+// "/" (a DNS subdomain) that stands for every label under it, if the labels it names may be
+// copied to a Node (not the kubelet's, Cluster API's or Anvil's claim bookkeeping).
+func validateLabelKeyOrPrefix(key string, path *field.Path) field.ErrorList {
+	if prefix, ok := strings.CutSuffix(key, "/"); ok {
+		if msgs := validation.IsDNS1123Subdomain(prefix); len(msgs) > 0 {
+			return field.ErrorList{field.Invalid(path, key, "a prefix must be a DNS subdomain followed by \"/\", e.g. anvil.cluster.x-k8s.io/: "+strings.Join(msgs, "; "))}
+		}
+	} else if msgs := validation.IsQualifiedName(key); len(msgs) > 0 {
+		return field.ErrorList{field.Invalid(path, key, "must be a label key such as topology.kubernetes.io/zone, or a prefix ending in \"/\": "+strings.Join(msgs, "; "))}
+	}
+	if why := infrav1.NodeLabelRestriction(key); why != "" {
+		return field.ErrorList{field.Forbidden(path, fmt.Sprintf("%q may not be copied to the Node: %s", key, why))}
+	}
+	return nil
 }
 
 func (w *machineWebhook) ValidateCreate(_ context.Context, m *infrav1.AnvilMachine) (admission.Warnings, error) {

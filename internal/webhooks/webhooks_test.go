@@ -124,6 +124,30 @@ func TestMachineWebhook(t *testing.T) {
 	expectRejected(t, env.Client.Create(ctx, m), "spec.hardware.gpuModel", "set hardware.minGPUs too")
 
 	m.Spec.Hardware.MinGPUs = 1
+	m.Spec.HostLabelsToNode = []string{"topology.kubernetes.io/zone", "anvil.cluster.x-k8s.io/", "Rack Name"}
+	expectRejected(t, env.Client.Create(ctx, m), "spec.hostLabelsToNode[2]", "must be a label key such as topology.kubernetes.io/zone")
+	m.Spec.HostLabelsToNode[2] = "not_a_domain/"
+	expectRejected(t, env.Client.Create(ctx, m), "spec.hostLabelsToNode[2]", "a prefix must be a DNS subdomain")
+	// Labels that belong to the kubelet, Kubernetes, Cluster API or Anvil's bookkeeping.
+	for key, hint := range map[string]string{
+		"kubernetes.io/hostname":            "only topology.kubernetes.io/zone and topology.kubernetes.io/region may be copied",
+		"node-role.kubernetes.io/":          "belong to the kubelet and Kubernetes",
+		"topology.kubernetes.io/":           "by their exact key",
+		"node.cluster.x-k8s.io/":            "set them on the Machine template instead",
+		"anvil.cluster.x-k8s.io/claimed-by": "Anvil's bookkeeping of the claim",
+	} {
+		m.Spec.HostLabelsToNode[2] = key
+		expectRejected(t, env.Client.Create(ctx, m), "spec.hostLabelsToNode[2]", hint)
+	}
+	m.Spec.HostLabelsToNode[2] = "topology.kubernetes.io/region"
+	tmpl := &infrav1.AnvilMachineTemplate{ObjectMeta: metav1.ObjectMeta{Name: "labels", Namespace: ns},
+		Spec: infrav1.AnvilMachineTemplateSpec{Template: infrav1.AnvilMachineTemplateResource{Spec: *m.Spec.DeepCopy()}}}
+	tmpl.Spec.Template.Spec.HostLabelsToNode = append(tmpl.Spec.Template.Spec.HostLabelsToNode, "kubernetes.io/arch")
+	expectRejected(t, env.Client.Create(ctx, tmpl), "spec.template.spec.hostLabelsToNode[3]", "belong to the kubelet and Kubernetes")
+	tmpl.Spec.Template.Spec.HostLabelsToNode = tmpl.Spec.Template.Spec.HostLabelsToNode[:3]
+	if err := env.Client.Create(ctx, tmpl); err != nil {
+		t.Fatalf("valid template rejected: %v", err)
+	}
 	m.Spec.WipePolicy = ""
 	if err := env.Client.Create(ctx, m); err != nil {
 		t.Fatal(err)

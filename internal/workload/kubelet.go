@@ -32,6 +32,11 @@ import (
 
 const etcdMemberRemovedAnnotation = cloudv1.EtcdMemberRemoved
 
+// OmitProviderIDAnnotation on an AnvilHost makes the Kubelet register its Node without a
+// providerID, as a kubelet started without --provider-id would: tests use it to check that
+// Anvil gives such a Node its providerID.
+const OmitProviderIDAnnotation = "workload.anvil.cluster.x-k8s.io/kubelet-omits-provider-id"
+
 // Kubelet plays "the OS boots and kubeadm runs" for hosts that Anvil has provisioned: when a
 // host is Provisioned under a live claim it registers a Ready Node named after the host with
 // the claim's providerID in the claim's workload cluster, and for control-plane machines the
@@ -117,7 +122,11 @@ func (k *Kubelet) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result,
 	}
 	rec = bootRecord{cluster: client.ObjectKey{Namespace: host.Namespace, Name: claim.ClusterName}, node: host.Name,
 		machine: claim.MachineRef.Name, controlPlane: util.IsControlPlaneMachine(machine)}
-	if err := k.boot(ctx, rec, claim.ProviderID, machine); err != nil {
+	providerID := claim.ProviderID
+	if _, omit := host.Annotations[OmitProviderIDAnnotation]; omit {
+		providerID = ""
+	}
+	if err := k.boot(ctx, rec, providerID, machine); err != nil {
 		return ctrl.Result{}, fmt.Errorf("booting host %s for machine %s: %w", host.Name, machine.Name, err)
 	}
 	if !wasBooted {

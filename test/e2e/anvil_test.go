@@ -16,6 +16,7 @@ import (
 
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/capistack"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 )
@@ -61,7 +62,15 @@ func startAnvil(t *testing.T, api *mgmtplane.Environment, prov hoststate.Provisi
 		StateMachine: &hoststate.Machine{BMC: pool, Provisioner: prov, PowerSyncInterval: 10 * time.Second,
 			RetryInterval: 500 * time.Millisecond},
 		BMCTimeout: 5 * time.Second}
-	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}
+	// The workload clusters, as cmd/manager reaches them (with the shorter retry the
+	// Cluster API managers here use too).
+	cc, err := controllers.SetupClusterCache(ctx, mgr, "")
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	capistack.ShortenClusterCacheRetry(cc)
+	machines := &controllers.AnvilMachineReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), ClusterCache: cc}
 	clusters := &controllers.AnvilClusterReconciler{Client: mgr.GetClient()}
 	for _, err := range []error{
 		hosts.SetupWithManager(ctx, mgr, controller.Options{MaxConcurrentReconciles: 10}),

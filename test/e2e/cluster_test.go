@@ -26,6 +26,10 @@ import (
 // kubernetesVersion is the workload clusters' version (the in-memory server doesn't care).
 const kubernetesVersion = "v1.35.0"
 
+// nodeLabelsFromHosts are the host labels every test cluster's machines copy to their Nodes:
+// the zone, and the hardware labels by their prefix.
+var nodeLabelsFromHosts = []string{infrav1.DefaultFailureDomainLabel, infrav1.LabelDomain + "/"}
+
 // testCluster is a Cluster with a KubeadmControlPlane and one MachineDeployment.
 type testCluster struct {
 	f    *fixture
@@ -60,7 +64,8 @@ func (f *fixture) createCluster(name string, controlPlanes, workers int32) *test
 		Spec: infrav1.AnvilClusterSpec{ControlPlaneEndpoint: endpoint}})
 	for _, tmpl := range []string{name + "-control-plane", name + "-worker"} {
 		f.create(&infrav1.AnvilMachineTemplate{ObjectMeta: metav1.ObjectMeta{Name: tmpl, Namespace: f.ns},
-			Spec: infrav1.AnvilMachineTemplateSpec{Template: infrav1.AnvilMachineTemplateResource{Spec: infrav1.AnvilMachineSpec{Image: image}}}})
+			Spec: infrav1.AnvilMachineTemplateSpec{Template: infrav1.AnvilMachineTemplateResource{Spec: infrav1.AnvilMachineSpec{Image: image,
+				HostLabelsToNode: nodeLabelsFromHosts}}}})
 	}
 	f.create(&controlplanev1.KubeadmControlPlane{ObjectMeta: metav1.ObjectMeta{Name: c.kcpName(), Namespace: f.ns},
 		Spec: controlplanev1.KubeadmControlPlaneSpec{

@@ -9,6 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
 	"sigs.k8s.io/cluster-api/util/conditions"
@@ -16,6 +17,7 @@ import (
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/workload"
 )
 
 // TestClusterLifecycle builds a highly available cluster on nine hosts in three zones with
@@ -23,6 +25,15 @@ import (
 func TestClusterLifecycle(t *testing.T) {
 	f := newFixture(t, 3)
 	defer func() { f.t = t }() // steps run as subtests with their own t
+	// The kubelets of the hosts the workers take (after a control-plane machine in each zone,
+	// spread over the zones, best fit, then name) register their Nodes without a
+	// providerID: Anvil must set it through the ClusterCache.
+	withoutProviderID := []string{"zone-a-1", "zone-b-1", "zone-c-1"}
+	for _, name := range withoutProviderID {
+		h := &infrav1.AnvilHost{}
+		h.Namespace, h.Name = f.ns, name
+		f.update(h, func() { metav1.SetMetaDataAnnotation(&h.ObjectMeta, workload.OmitProviderIDAnnotation, "") })
+	}
 	c := f.createCluster("prod", 3, 2)
 
 	steps := []struct {
@@ -47,6 +58,43 @@ func TestClusterLifecycle(t *testing.T) {
 			if err != nil || len(members) != 3 {
 				t.Errorf("etcd members %v (%v), want one per control-plane machine", members, err)
 			}
+			// checkPlacement found every Node by the providerID Anvil set where the kubelet
+			// gave none; make sure that happened, and that host labels reached the Nodes.
+			fellBack := 0
+			for _, p := range placed {
+				if slices.Contains(withoutProviderID, p.host) {
+					fellBack++
+				}
+			}
+			if fellBack == 0 {
+				t.Errorf("no machine landed on %v, whose kubelets omit the providerID: the fallback was not exercised (placements %v)", withoutProviderID, placed)
+			}
+			nodes, err := workloads.Nodes(f.ctx, c.key())
+			if err != nil {
+				t.Fatal(err)
+			}
+			hosts := map[string]infrav1.AnvilHost{}
+			for _, h := range f.listHosts() {
+				hosts[h.Name] = h
+			}
+			f.eventually("host labels are copied to every Node", 30*time.Second, func() (bool, string) {
+				nodes, err = workloads.Nodes(f.ctx, c.key())
+				if err != nil {
+					return false, err.Error()
+				}
+				for _, n := range nodes {
+					h := hosts[n.Name]
+					for _, key := range []string{infrav1.DefaultFailureDomainLabel, infrav1.LabelDomain + "/cpu-cores"} {
+						if n.Labels[key] == "" || n.Labels[key] != h.Labels[key] {
+							return false, fmt.Sprintf("Node %s: %s=%q, host %q", n.Name, key, n.Labels[key], h.Labels[key])
+						}
+					}
+					if v, ok := n.Labels[controllers.ClaimedByLabel]; ok {
+						t.Errorf("Node %s carries the claim's bookkeeping label %s=%s", n.Name, controllers.ClaimedByLabel, v)
+					}
+				}
+				return true, ""
+			})
 		}},
 		{"scaling workers 2 to 1 wipes the released host", func(t *testing.T) {
 			f.t = t

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+)
+
+func TestMain(m *testing.M) {
+	// The benchmark re-executes its own binary for the BMCs: under `go test` that is this
+	// test binary.
+	if bmcChildMain() {
+		return
+	}
+	ctrl.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.Level(zapcore.ErrorLevel)))
+	os.Exit(m.Run())
+}
+
+// TestBenchmarkSmall runs the whole benchmark with 20 hosts and machines and checks that it
+// measures: every figure it reports comes from somewhere, and the claims it checks hold.
+func TestBenchmarkSmall(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds cmd/manager, starts kube-apiserver, etcd and 20 emulated BMCs")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	cfg := DefaultConfig()
+	cfg.Hosts, cfg.Machines, cfg.Clusters = 20, 20, 2
+	cfg.Timeout = 3 * time.Minute
+	var progress bytes.Buffer
+	cfg.Progress = &progress
+	res, err := Run(ctx, cfg)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, progress.String())
+	}
+	if res.ProvisionedCount != cfg.Machines || len(res.Latencies) != cfg.Machines || res.Provisioned <= 0 || res.HostsAvailable <= 0 {
+		t.Fatalf("%d/%d provisioned, %d latencies, times %s / %s", res.ProvisionedCount, cfg.Machines, len(res.Latencies), res.HostsAvailable, res.Provisioned)
+	}
+	if len(res.Problems) > 0 {
+		t.Fatalf("claims: %v", res.Problems)
+	}
+	if res.PeakRSSKiB <= 0 {
+		t.Error("no peak RSS")
+	}
+	// Every machine's claim is an update of its host and at least one status write of its
+	// own; the counter must have seen them.
+	per := map[string]int64{}
+	for _, row := range res.Provision.writeRows() {
+		per[row.Name] = row.Count
+	}
+	for _, want := range []string{"UPDATE anvilhosts", "PATCH anvilmachines/status", "PATCH anvilmachines"} {
+		if per[want] < int64(cfg.Machines) {
+			t.Errorf("provisioning writes %v: want at least one %q per machine", per, want)
+		}
+	}
+	if res.Onboard.writes() < int64(cfg.Hosts) {
+		t.Errorf("onboarding writes %d for %d hosts", res.Onboard.writes(), cfg.Hosts)
+	}
+	var out bytes.Buffer
+	res.Print(&out)
+	for _, want := range []string{"time until all machines are provisioned", "controller peak RSS", "API writes per host, end to end", "target ≤ 15"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+	t.Log(out.String())
+}

@@ -1,0 +1,301 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
+)
+
+// bmcChildEnv, when set, makes this binary serve emulated BMCs instead of running the
+// benchmark (the benchmark re-executes itself, so the BMCs' CPU is not the manager's or the
+// benchmark's). Its value is the number of BMCs, a comma and "tls" or "http".
+const bmcChildEnv = "ANVIL_BENCH_MACHINES_BMCS"
+
+// bmcsReady is what the BMC child prints on its first stdout line once every BMC listens.
+type bmcsReady struct {
+	Addrs []string // host:port of BMC i
+	CAPEM []byte   // CA of the BMCs' certificate (TLS only)
+}
+
+// bmcPassword is BMC i's password.
+func bmcPassword(i int) string { return fmt.Sprintf("bench-pw-%d", i) }
+
+// bmcChildMain serves the BMCs when this process is the BMC child; it returns false
+// otherwise. The child exits when its stdin closes (the benchmark ended or died).
+func bmcChildMain() bool {
+	spec := os.Getenv(bmcChildEnv)
+	if spec == "" {
+		return false
+	}
+	n, mode, _ := strings.Cut(spec, ",")
+	count, err := strconv.Atoi(n)
+	if err == nil {
+		err = serveBMCs(count, mode == "tls")
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bmcs:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+	return true
+}
+
+func serveBMCs(n int, tls bool) error {
+	srv, err := redfish.NewServer(redfish.ServerOptions{TLS: tls})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	ready := bmcsReady{CAPEM: srv.CACertPEM()}
+	mockups := redfish.Mockups()
+	for i := range n {
+		b, err := srv.AddBMC(redfish.BMCOptions{Mockup: mockups[i%len(mockups)], Identity: redfish.NewIdentity(i),
+			Hardware: redfish.Hardware{Processors: 1 + i%4, MemoryGiB: 64 << (i % 3)}, Username: "admin", Password: bmcPassword(i)})
+		if err != nil {
+			return fmt.Errorf("BMC %d: %w", i, err)
+		}
+		ready.Addrs = append(ready.Addrs, b.Addr())
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(ready); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return nil
+}
+
+// process is a child process the benchmark started.
+type process struct {
+	name  string
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	done  chan struct{}
+	err   error
+}
+
+// startBMCs re-executes this binary as the BMC child and waits until its BMCs listen.
+func startBMCs(ctx context.Context, n int, tls bool, dir string) (*process, bmcsReady, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, bmcsReady{}, err
+	}
+	mode := "http"
+	if tls {
+		mode = "tls"
+	}
+	cmd := exec.Command(exe) //nolint:gosec // this very binary
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d,%s", bmcChildEnv, n, mode))
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, bmcsReady{}, err
+	}
+	p, err := start("bmcs", cmd, dir)
+	if err != nil {
+		return nil, bmcsReady{}, err
+	}
+	readyCh := make(chan error, 1)
+	var ready bmcsReady
+	go func() {
+		line, err := bufio.NewReaderSize(stdout, 1<<20).ReadBytes('\n')
+		if err == nil {
+			err = json.Unmarshal(line, &ready)
+		}
+		readyCh <- err
+		_, _ = io.Copy(io.Discard, stdout)
+	}()
+	select {
+	case err = <-readyCh:
+	case <-p.done:
+		err = fmt.Errorf("the BMC process exited: %w (see %s)", p.err, filepath.Join(dir, "bmcs.log"))
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		p.stop()
+		return nil, bmcsReady{}, err
+	}
+	return p, ready, nil
+}
+
+// start runs cmd with its stderr (and stdout, unless taken) in dir/<name>.log and stdin held
+// open: children exit when it closes.
+func start(name string, cmd *exec.Cmd, dir string) (*process, error) {
+	logFile, err := os.Create(filepath.Join(dir, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = logFile
+	if cmd.Stdout == nil {
+		cmd.Stdout = logFile
+	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		_ = logFile.Close()
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		_ = logFile.Close()
+		return nil, err
+	}
+	p := &process{name: name, cmd: cmd, stdin: stdin, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); _ = logFile.Close(); close(p.done) }()
+	return p, nil
+}
+
+func (p *process) pid() string { return strconv.Itoa(p.cmd.Process.Pid) }
+
+// exited reports whether the process died early.
+func (p *process) exited() error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("%s exited: %w", p.name, p.err)
+	default:
+		return nil
+	}
+}
+
+// stop closes stdin, then interrupts, then kills, waiting a few seconds between.
+func (p *process) stop() {
+	_ = p.stdin.Close()
+	_ = p.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// buildManager builds cmd/manager (what is deployed) into dir.
+func buildManager(ctx context.Context, dir string) (string, error) {
+	root, err := repoRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "manager")
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./cmd/manager") //nolint:gosec // the go tool, building this repository
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building cmd/manager: %w\n%s", err, b)
+	}
+	return out, nil
+}
+
+func repoRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", err
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("run the benchmark from the repository (go env GOMOD is empty)")
+	}
+	return filepath.Dir(mod), nil
+}
+
+// statusKiB reads a "kB" field (VmRSS, VmHWM) of /proc/<pid>/status.
+func statusKiB(pid, field string) int64 {
+	f, err := os.Open(filepath.Join("/proc", pid, "status"))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
+			v, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return v
+		}
+	}
+	return 0
+}
+
+// cpuSeconds is a process's user+system time from /proc/<pid>/stat.
+func cpuSeconds(pid string) float64 {
+	raw, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
+	if err != nil {
+		return 0
+	}
+	s := string(raw)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (u + st) / 100 // USER_HZ
+}
+
+// childCPU sums the CPU seconds of this process's children by command name (kube-apiserver,
+// etcd) or by the name labels gives their pid, plus this process itself.
+func childCPU(labels map[string]string) map[string]float64 {
+	out := map[string]float64{"bench (creates, watches, proxy)": cpuSeconds("self")}
+	self := strconv.Itoa(os.Getpid())
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(raw)
+		open, closing := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || closing < open {
+			continue
+		}
+		f := strings.Fields(s[closing+1:])
+		if len(f) < 2 || f[1] != self {
+			continue
+		}
+		name := s[open+1 : closing]
+		if l, ok := labels[e.Name()]; ok {
+			name = l
+		}
+		out[name] += cpuSeconds(e.Name())
+	}
+	return out
+}
+
+// machineBusySeconds is the CPU time all processes on the machine have used since boot (all
+// but idle and iowait), from /proc/stat: compared with this benchmark's own processes it
+// shows how much of the machine other work took during the run.
+func machineBusySeconds() float64 {
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0
+	}
+	var busy float64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		if i >= 8 { // guest time is counted in user already
+			break
+		}
+		n, _ := strconv.ParseFloat(v, 64)
+		busy += n
+	}
+	return busy / 100
+}
