@@ -100,6 +100,10 @@ envtest: ## Build (once, cached by version) the kube-apiserver and etcd that tes
 test-deps: ## Install the Debian packages the real-peer tests use.
 	@hack/install-test-deps.sh
 
+.PHONY: agent-image
+agent-image: ## Build the agent's kernel and initramfs into out/agent (Debian kernel, pinned in hack/agent-image.sh, cached in ~/.cache/anvil).
+	hack/agent-image.sh out/agent
+
 .PHONY: image
 image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed), with the iPXE boot assets.
 	@hack/image/install-deps.sh
