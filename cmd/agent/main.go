@@ -94,7 +94,7 @@ func initSystem(ctx context.Context, log logr.Logger, boot pid1.Cmdline) error {
 	case err != nil:
 		return err
 	default:
-		rep := pid1.LoadModules(order, pid1.FinitModule)
+		rep := pid1.LoadForDevices(order, pid1.DeviceModaliases, pid1.FinitModule)
 		for p, e := range rep.Failed {
 			log.Info("kernel module not loaded", "module", p, "reason", e.Error())
 		}

@@ -12,8 +12,9 @@ import (
 	"strings"
 )
 
-// LoadOrderFile is where an initramfs built by this package lists its kernel modules, one
-// absolute path a line, each after the modules it depends on. PID 1 loads them in that order.
+// LoadOrderFile is where an initramfs built by this package lists its kernel modules, each
+// after the modules it depends on, one a line (see ModuleEntry.String). PID 1 loads the
+// ones the machine's devices ask for, or all of them, in that order.
 const LoadOrderFile = "/lib/modules/load-order"
 
 // Modules indexes a kernel's module tree (what Debian's linux-image package installs under
@@ -34,6 +35,10 @@ type Module struct {
 	Name string
 	// Path is relative to the module tree (e.g. kernel/drivers/net/virtio_net.ko).
 	Path string
+	// Depends are the modules it needs loaded first (not built in).
+	Depends []string
+	// Aliases are the device patterns it drives (e.g. pci:v00008086d0000100Esv*sd*bc*sc*i*).
+	Aliases []string
 }
 
 func modName(s string) string { return strings.ReplaceAll(s, "-", "_") }
@@ -80,6 +85,7 @@ func OpenModules(dir string) (*Modules, error) {
 // dependencies. Modules built into the kernel are left out; a name that is neither a
 // module nor built in is an error.
 func (m *Modules) Resolve(names []string) ([]Module, error) {
+	infos := map[string]ModInfo{}
 	order, err := DependencyOrder(names, func(name string) ([]string, bool, error) {
 		if m.builtin[name] {
 			return nil, false, nil
@@ -88,17 +94,19 @@ func (m *Modules) Resolve(names []string) ([]Module, error) {
 		if !ok {
 			return nil, false, fmt.Errorf("kernel module %q is neither in %s nor built into the kernel", name, m.dir)
 		}
-		deps, err := ModuleDependencies(filepath.Join(m.dir, rel))
+		info, err := ReadModInfo(filepath.Join(m.dir, rel))
 		if err != nil {
 			return nil, false, err
 		}
 		// Soft dependencies (e.g. crc32c for ext4) are taken when this kernel has them.
 		var out []string
-		for _, d := range deps {
+		for _, d := range info.Depends {
 			if _, ok := m.paths[d]; ok || m.builtin[d] {
 				out = append(out, d)
 			}
 		}
+		info.Depends = out
+		infos[name] = info
 		return out, true, nil
 	})
 	if err != nil {
@@ -106,7 +114,13 @@ func (m *Modules) Resolve(names []string) ([]Module, error) {
 	}
 	mods := make([]Module, 0, len(order))
 	for _, n := range order {
-		mods = append(mods, Module{Name: n, Path: m.paths[n]})
+		var deps []string
+		for _, d := range infos[n].Depends {
+			if !m.builtin[d] {
+				deps = append(deps, d)
+			}
+		}
+		mods = append(mods, Module{Name: n, Path: m.paths[n], Depends: deps, Aliases: infos[n].Aliases})
 	}
 	return mods, nil
 }
@@ -154,31 +168,39 @@ func DependencyOrder(names []string, deps func(name string) (depends []string, l
 	return order, nil
 }
 
-// ModuleDependencies reads a module file's hard dependencies ("depends=") and its soft
-// pre-dependencies ("softdep=pre: ...") from its .modinfo section.
-func ModuleDependencies(path string) ([]string, error) {
+// ModInfo is what a module's .modinfo section says about loading it.
+type ModInfo struct {
+	// Depends are its hard dependencies ("depends=") and soft pre-dependencies
+	// ("softdep=pre: ...").
+	Depends []string
+	// Aliases are its device patterns ("alias=").
+	Aliases []string
+}
+
+// ReadModInfo reads a module file's .modinfo section.
+func ReadModInfo(path string) (ModInfo, error) {
 	f, err := elf.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("kernel module %s: %w", path, err)
+		return ModInfo{}, fmt.Errorf("kernel module %s: %w", path, err)
 	}
 	defer func() { _ = f.Close() }()
 	sec := f.Section(".modinfo")
 	if sec == nil {
-		return nil, fmt.Errorf("kernel module %s has no .modinfo section", path)
+		return ModInfo{}, fmt.Errorf("kernel module %s has no .modinfo section", path)
 	}
 	info, err := sec.Data()
 	if err != nil {
-		return nil, fmt.Errorf("kernel module %s: %w", path, err)
+		return ModInfo{}, fmt.Errorf("kernel module %s: %w", path, err)
 	}
-	return ParseModinfoDependencies(info)
+	return ParseModInfo(info)
 }
 
-// ParseModinfoDependencies parses a .modinfo section: NUL-separated key=value strings.
-func ParseModinfoDependencies(info []byte) ([]string, error) {
+// ParseModInfo parses a .modinfo section: NUL-separated key=value strings.
+func ParseModInfo(info []byte) (ModInfo, error) {
 	if len(info) == 0 {
-		return nil, errors.New("empty .modinfo")
+		return ModInfo{}, errors.New("empty .modinfo")
 	}
-	var deps []string
+	var mi ModInfo
 	for _, kv := range bytes.Split(info, []byte{0}) {
 		k, v, ok := strings.Cut(string(kv), "=")
 		if !ok {
@@ -188,7 +210,7 @@ func ParseModinfoDependencies(info []byte) ([]string, error) {
 		case "depends":
 			for _, d := range strings.Split(v, ",") {
 				if d = strings.TrimSpace(d); d != "" {
-					deps = append(deps, modName(d))
+					mi.Depends = append(mi.Depends, modName(d))
 				}
 			}
 		case "softdep":
@@ -202,13 +224,60 @@ func ParseModinfoDependencies(info []byte) ([]string, error) {
 					pre = false
 				default:
 					if pre {
-						deps = append(deps, modName(f))
+						mi.Depends = append(mi.Depends, modName(f))
 					}
 				}
 			}
+		case "alias":
+			// Aliases never hold whitespace; one that did could not be written as a field.
+			if v != "" && !strings.ContainsAny(v, " \t\n") {
+				mi.Aliases = append(mi.Aliases, v)
+			}
 		}
 	}
-	return deps, nil
+	return mi, nil
+}
+
+// ModuleEntry is one line of LoadOrderFile: "PATH NAME DEPENDS ALIAS...", with DEPENDS the
+// comma-separated module names ("-" for none).
+type ModuleEntry struct {
+	Path, Name string
+	Depends    []string
+	Aliases    []string
+}
+
+// String is the entry's line (without the newline).
+func (e ModuleEntry) String() string {
+	deps := strings.Join(e.Depends, ",")
+	if deps == "" {
+		deps = "-"
+	}
+	return strings.Join(append([]string{e.Path, e.Name, deps}, e.Aliases...), " ")
+}
+
+// ParseLoadOrder parses LoadOrderFile's content.
+func ParseLoadOrder(raw []byte) ([]ModuleEntry, error) {
+	var out []ModuleEntry
+	sc := bufio.NewScanner(bytes.NewReader(raw))
+	sc.Buffer(nil, 1<<20) // a NIC driver can have hundreds of aliases
+	for n := 1; sc.Scan(); n++ {
+		f := strings.Fields(sc.Text())
+		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		if len(f) < 3 {
+			return nil, fmt.Errorf("%s line %d: want PATH NAME DEPENDS [ALIAS...]", LoadOrderFile, n)
+		}
+		e := ModuleEntry{Path: f[0], Name: f[1]}
+		if len(f) > 3 {
+			e.Aliases = f[3:]
+		}
+		if f[2] != "-" {
+			e.Depends = strings.Split(f[2], ",")
+		}
+		out = append(out, e)
+	}
+	return out, sc.Err()
 }
 
 // AddKernelModules puts the named modules and their dependencies (from the module tree of
@@ -233,7 +302,7 @@ func (a *Archive) AddKernelModules(tree, version string, names []string) ([]Modu
 		if err := a.AddFile(dst, data, 0o644); err != nil {
 			return nil, err
 		}
-		order.WriteString(dst + "\n")
+		order.WriteString(ModuleEntry{Path: dst, Name: m.Name, Depends: m.Depends, Aliases: m.Aliases}.String() + "\n")
 	}
 	return mods, a.AddFile(LoadOrderFile, []byte(order.String()), 0o644)
 }

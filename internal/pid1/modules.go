@@ -1,14 +1,17 @@
 package pid1
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
+	"path"
+	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/initramfs"
 )
 
 // ModuleLoadReport says what LoadModules did.
@@ -18,21 +21,96 @@ type ModuleLoadReport struct {
 	Failed map[string]error
 }
 
-// ReadLoadOrder reads a module list (one path a line; '#' starts a comment).
-func ReadLoadOrder(path string) ([]string, error) {
-	raw, err := os.ReadFile(path)
+// ReadLoadOrder reads an initramfs's module list (initramfs.LoadOrderFile).
+func ReadLoadOrder(path string) ([]initramfs.ModuleEntry, error) {
+	raw, err := os.ReadFile(path) //nolint:gosec // the initramfs's own list
 	if err != nil {
 		return nil, err
 	}
+	return initramfs.ParseLoadOrder(raw)
+}
+
+// Paths returns the entries' module paths, in order.
+func Paths(entries []initramfs.ModuleEntry) []string {
+	out := make([]string, 0, len(entries))
+	for _, e := range entries {
+		out = append(out, e.Path)
+	}
+	return out
+}
+
+// DeviceModaliases lists the modaliases of the devices the kernel knows now (what udev
+// matches drivers against).
+func DeviceModaliases() []string {
+	files, _ := filepath.Glob("/sys/bus/*/devices/*/modalias")
 	var out []string
-	sc := bufio.NewScanner(bytes.NewReader(raw))
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line != "" && !strings.HasPrefix(line, "#") {
-			out = append(out, line)
+	for _, f := range files {
+		if b, err := os.ReadFile(f); err == nil { //nolint:gosec // sysfs
+			if a := strings.TrimSpace(string(b)); a != "" {
+				out = append(out, a)
+			}
 		}
 	}
-	return out, sc.Err()
+	return out
+}
+
+// LoadForDevices loads the modules whose aliases match a device's modalias, with their
+// dependencies, in the list's order, and repeats while that brings new devices (loading
+// virtio_pci makes the virtio devices that virtio_blk and virtio_net drive appear). Drivers
+// for hardware the machine does not have are not loaded: under emulation loading every NIC
+// driver of a server initramfs takes longer than the rest of the boot.
+func LoadForDevices(entries []initramfs.ModuleEntry, modaliases func() []string, load func(path string) error) ModuleLoadReport {
+	rep := ModuleLoadReport{Failed: map[string]error{}}
+	byName := map[string]initramfs.ModuleEntry{}
+	for _, e := range entries {
+		byName[e.Name] = e
+	}
+	tried := map[string]bool{}
+	for {
+		devices := modaliases()
+		want := map[string]bool{}
+		var add func(name string)
+		add = func(name string) {
+			if want[name] {
+				return
+			}
+			want[name] = true
+			for _, d := range byName[name].Depends {
+				add(d)
+			}
+		}
+		for _, e := range entries {
+			if !tried[e.Name] && matchesAny(e.Aliases, devices) {
+				add(e.Name)
+			}
+		}
+		var paths []string
+		for _, e := range entries {
+			if want[e.Name] && !tried[e.Name] {
+				tried[e.Name] = true
+				paths = append(paths, e.Path)
+			}
+		}
+		if len(paths) == 0 {
+			return rep
+		}
+		r := LoadModules(paths, load)
+		rep.Loaded += r.Loaded
+		maps.Copy(rep.Failed, r.Failed)
+	}
+}
+
+// matchesAny reports whether one of the module's alias patterns (shell globs, as
+// modprobe matches them) matches one of the devices' modaliases.
+func matchesAny(patterns, modaliases []string) bool {
+	for _, p := range patterns {
+		for _, a := range modaliases {
+			if ok, _ := path.Match(p, a); ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // LoadModules loads modules in the given order with load, which reports an already loaded

@@ -89,7 +89,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	if rep := pid1.LoadModules(order, pid1.FinitModule); len(rep.Failed) > 0 {
+	if rep := pid1.LoadModules(pid1.Paths(order), pid1.FinitModule); len(rep.Failed) > 0 {
 		return fmt.Errorf("kernel modules: %v", rep.Failed)
 	}
 	d, err := openDisk("/dev/vda", 30*time.Second)
