@@ -119,7 +119,7 @@ func layoutOptions(dir string, boot pid1.Cmdline) (disk.LayoutOptions, error) {
 			return o, err
 		}
 	}
-	o.KernelArgs, o.SerialConsole = boot.SerialConsole()
+	o.KernelArgs, o.SerialConsole = boot.OSKernelArgs()
 	return o, nil
 }
 

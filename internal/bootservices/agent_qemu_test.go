@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -68,8 +69,10 @@ func TestAgentInQEMU(t *testing.T) {
 	secrets := fake.NewClientBuilder().WithScheme(clientgoscheme.Scheme).WithObjects(&corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "lab", Name: "vm-bootstrap"},
 		Data:       map[string][]byte{"value": []byte("#cloud-config\nhostname: vm\n")}}).Build()
+	// quiet: the agent and (through the agent) the installed OS print only their own lines
+	// on the serial console, which costs less under TCG.
 	lab := newQEMULabWith(t, dhcp.ModeReservation, labConfig{artifactsDir: artifacts, allowLocalImages: true,
-		backend: provision.Options{Secrets: secrets}})
+		backend: provision.Options{Secrets: secrets}, agentKernelArgs: []string{"quiet"}})
 	vm := &qemuMachine{name: "vm", mac: "52:54:00:c0:00:01", ip: "192.0.2.61"}
 	diskPath := filepath.Join(t.TempDir(), "disk.img")
 	// Sparse: two 8 GiB slots (the default), the ESP, CONFIG and DATA.
@@ -152,7 +155,8 @@ func (l *qemuLab) provisionAndRun(m *qemuMachine, host *infrav1.AnvilHost, qemu,
 	m.host = host
 	tap := l.plug("")
 	m.console = filepath.Join(t.TempDir(), m.name+"-"+step+".log")
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	// A guard only: a phase takes 1-2 minutes, but TCG slows down with the machine's load.
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	cmd := l.ns.Command(ctx, qemu, "-accel", "tcg", "-cpu", "max", "-m", "1024", "-boot", "order=c,once=n",
 		"-nographic", "-vga", "none", "-monitor", "none", "-serial", "file:"+m.console,
@@ -160,11 +164,41 @@ func (l *qemuLab) provisionAndRun(m *qemuMachine, host *infrav1.AnvilHost, qemu,
 		"-drive", "file="+diskPath+",if=virtio,format=raw,cache=unsafe")
 	var qemuOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &qemuOut, &qemuOut
+	start := time.Now()
 	must(t, cmd.Start())
-	err = cmd.Wait()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	// The timeline: when the agent registered and finished, and when each OS line appeared.
+	var timeline []string
+	seen := map[string]int{}
+	note := func() {
+		c := readConsole(m.console)
+		for _, ev := range []struct{ name, re string }{
+			{"agent registered", `"msg":"registered"`}, {"agent rebooting", `"msg":"finished","task":"reboot"`},
+			{"OS boot", qemuOSMarker + ` boot version=\S+ slot=\S+`},
+		} {
+			all := regexp.MustCompile(ev.re).FindAllString(c, -1)
+			for i := seen[ev.name]; i < len(all); i++ {
+				timeline = append(timeline, fmt.Sprintf("%.1fs %s", time.Since(start).Seconds(), strings.TrimPrefix(all[i], qemuOSMarker+" ")))
+			}
+			seen[ev.name] = len(all)
+		}
+	}
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for waiting := true; waiting; {
+		select {
+		case err = <-done:
+			waiting = false
+		case <-tick.C:
+			note()
+		}
+	}
+	note()
+	t.Logf("%s timeline: %s", step, strings.Join(timeline, "; "))
 	console := readConsole(m.console)
 	if ctx.Err() != nil {
-		t.Fatalf("%s: the VM did not power off within 4 minutes; console:\n%s", step, console)
+		t.Fatalf("%s: the VM did not power off within 6 minutes; console:\n%s", step, console)
 	}
 	if err != nil {
 		t.Fatalf("%s: qemu: %v\n%s\nconsole:\n%s", step, err, qemuOut.String(), console)

@@ -66,6 +66,8 @@ type labConfig struct {
 	backend provision.Options
 	// allowLocalImages lets the image cache fetch from loopback.
 	allowLocalImages bool
+	// agentKernelArgs are added to the agent's kernel command line.
+	agentKernelArgs []string
 }
 
 func newQEMULab(t *testing.T, mode dhcp.Mode) *qemuLab {
@@ -106,7 +108,8 @@ func newQEMULabWith(t *testing.T, mode dhcp.Mode, cfg labConfig) *qemuLab {
 		l.svc, err = New(Config{
 			HTTPAddress: labServerIP.String() + ":0", ArtifactsDir: artifacts,
 			ImageCacheDir: t.TempDir(), ImageCacheBytes: 1 << 30, AllowLocalImages: cfg.allowLocalImages, Backend: cfg.backend,
-			DHCPMode: mode, DHCPInterface: labBridge, ServerIP: labServerIP, TFTPDir: "/usr/lib/ipxe",
+			AgentKernelArgs: cfg.agentKernelArgs,
+			DHCPMode:        mode, DHCPInterface: labBridge, ServerIP: labServerIP, TFTPDir: "/usr/lib/ipxe",
 			TFTPSinglePort: true, // transfers must stay in this namespace
 			OnServed:       func(s httpboot.Served) { l.mu.Lock(); defer l.mu.Unlock(); l.served = append(l.served, s) },
 			Log: funcr.New(func(p, a string) { t.Log(time.Since(l.start).Round(100*time.Millisecond), p, a) },

@@ -46,6 +46,8 @@ type Cmdline struct {
 	BootMAC net.HardwareAddr
 	// Consoles are the console= arguments, in order.
 	Consoles []string
+	// Quiet is the kernel's quiet or loglevel= argument, if any.
+	Quiet string
 }
 
 // ParseCmdline reads the boot NIC and the consoles from a kernel command line. A malformed
@@ -73,20 +75,26 @@ func ParseCmdline(cmdline string) (Cmdline, error) {
 			if v != "" {
 				c.Consoles = append(c.Consoles, v)
 			}
+		case "quiet", "loglevel":
+			c.Quiet = arg
 		}
 	}
 	return c, nil
 }
 
-// SerialConsole returns the kernel arguments that put an installed OS's console where the
-// agent's is (console=… for each serial console the agent has), and whether there is one.
-func (c Cmdline) SerialConsole() (args string, serial bool) {
+// OSKernelArgs returns the kernel arguments that put an installed OS's console where the
+// agent's is (console=… for each serial console the agent has, and its quiet or loglevel=),
+// and whether there is a serial console (GRUB then mirrors its own console there).
+func (c Cmdline) OSKernelArgs() (args string, serial bool) {
 	var out []string
 	for _, con := range c.Consoles {
 		if strings.HasPrefix(con, "ttyS") {
 			out = append(out, "console="+con)
 			serial = true
 		}
+	}
+	if c.Quiet != "" {
+		out = append(out, c.Quiet)
 	}
 	return strings.Join(out, " "), serial
 }

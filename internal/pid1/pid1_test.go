@@ -19,15 +19,15 @@ func TestParseCmdline(t *testing.T) {
 	if c.BootMAC.String() != "52:54:00:c0:00:01" || !reflect.DeepEqual(c.Consoles, []string{"tty0", "ttyS1,115200n8"}) {
 		t.Errorf("got %+v", c)
 	}
-	if args, serial := c.SerialConsole(); args != "console=ttyS1,115200n8" || !serial {
-		t.Errorf("SerialConsole() = %q, %v; want the serial console only", args, serial)
+	if args, serial := c.OSKernelArgs(); args != "console=ttyS1,115200n8 quiet" || !serial {
+		t.Errorf("OSKernelArgs() = %q, %v; want the serial console and quiet", args, serial)
 	}
 	c, err = ParseCmdline("anvil.mac=52:54:00:c0:00:02 console=tty0")
 	if err != nil || c.BootMAC.String() != "52:54:00:c0:00:02" {
 		t.Errorf("anvil.mac: %+v, %v", c, err)
 	}
-	if args, serial := c.SerialConsole(); args != "" || serial {
-		t.Errorf("SerialConsole() without a serial console = %q, %v", args, serial)
+	if args, serial := c.OSKernelArgs(); args != "" || serial {
+		t.Errorf("OSKernelArgs() without a serial console = %q, %v", args, serial)
 	}
 	if c, err := ParseCmdline("console=ttyS0"); err != nil || c.BootMAC != nil {
 		t.Errorf("no boot NIC named: %+v, %v; want nil MAC (first NIC with link)", c, err)
