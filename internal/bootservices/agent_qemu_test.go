@@ -30,6 +30,9 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/provision"
 )
 
+// decoyMAC is the agent VM's NIC that is not on the provisioning network.
+const decoyMAC = "52:54:00:c0:00:99"
+
 // qemuOSMarker starts the lines test/qemuos prints.
 const qemuOSMarker = "ANVIL-QEMUOS"
 
@@ -99,6 +102,9 @@ func TestAgentInQEMU(t *testing.T) {
 		t.Errorf("host inventory %+v: want the VM's 17 GiB disk and its NIC %s", hw, vm.mac)
 	}
 	lab.checkAgentServed(vm, artifacts)
+	if !regexp.MustCompile(`"msg":"network configured","interface":"eth\d","mac":"` + vm.mac + `","address":"` + vm.ip + `/24"`).MatchString(console) {
+		t.Errorf("the agent did not configure its boot NIC %s with %s; console:\n%s", vm.mac, vm.ip, console)
+	}
 	boots := qemuOSLines(console)
 	want := []string{"boot version=v1 slot=A", "data=", "marked-good slot=A env=active:A,next:,tries:0,failed:", "done"}
 	if !equalLines(boots, want) {
@@ -160,6 +166,10 @@ func (l *qemuLab) provisionAndRun(m *qemuMachine, host *infrav1.AnvilHost, qemu,
 	defer cancel()
 	cmd := l.ns.Command(ctx, qemu, "-accel", "tcg", "-cpu", "max", "-m", "1024", "-boot", "order=c,once=n",
 		"-nographic", "-vga", "none", "-monitor", "none", "-serial", "file:"+m.console,
+		// A second NIC, first on the PCI bus and with link, on a network of its own (qemu's
+		// user networking, which answers DHCP too): the agent must take its lease on the NIC
+		// the server booted from (BOOTIF), not on the first one with link.
+		"-netdev", "user,id=decoy,restrict=on", "-device", "virtio-net-pci,netdev=decoy,romfile=,mac="+decoyMAC,
 		"-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no", "-device", "e1000,netdev=n0,mac="+m.mac,
 		"-drive", "file="+diskPath+",if=virtio,format=raw,cache=unsafe")
 	var qemuOut bytes.Buffer
