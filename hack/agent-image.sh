@@ -58,4 +58,6 @@ bin="$(mktemp -d)"
 trap 'rm -rf "$bin" ${work:+"$work"}' EXIT
 cd "$root"
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin/agent" ./cmd/agent
-go run ./hack/agentimage -kernel-root "$cache" -kernel-version "$KERNEL_VERSION" -agent "$bin/agent" -out "$out"
+# AGENT_MODULES replaces the default driver list (hack/agentimage), comma-separated.
+go run ./hack/agentimage -kernel-root "$cache" -kernel-version "$KERNEL_VERSION" -agent "$bin/agent" -out "$out" \
+  ${AGENT_MODULES:+-modules "$AGENT_MODULES"}
