@@ -57,7 +57,7 @@ func build(kernelRoot, version, agentBin, out string, modules []string) error {
 	if err != nil {
 		return fmt.Errorf("kernel: %w", err)
 	}
-	agent, err := os.ReadFile(agentBin) //nolint:gosec // a build input named by the caller
+	agent, err := os.ReadFile(agentBin)
 	if err != nil {
 		return err
 	}

@@ -107,7 +107,7 @@ func (a *Archive) WriteCPIO(w io.Writer) error {
 		if e.mode&0o170000 == modeDir {
 			nlink = 2
 		}
-		if err := writeHeader(cw, uint32(i+1), e.mode, nlink, n, e.data); err != nil { //nolint:gosec // entry counts are small
+		if err := writeHeader(cw, uint32(i+1), e.mode, nlink, n, e.data); err != nil {
 			return err
 		}
 	}

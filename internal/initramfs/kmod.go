@@ -294,7 +294,7 @@ func (a *Archive) AddKernelModules(tree, version string, names []string) ([]Modu
 	}
 	var order strings.Builder
 	for _, m := range mods {
-		data, err := os.ReadFile(filepath.Join(tree, m.Path)) //nolint:gosec // a path from the module index
+		data, err := os.ReadFile(filepath.Join(tree, m.Path))
 		if err != nil {
 			return nil, err
 		}

@@ -23,7 +23,7 @@ type ModuleLoadReport struct {
 
 // ReadLoadOrder reads an initramfs's module list (initramfs.LoadOrderFile).
 func ReadLoadOrder(path string) ([]initramfs.ModuleEntry, error) {
-	raw, err := os.ReadFile(path) //nolint:gosec // the initramfs's own list
+	raw, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
@@ -45,7 +45,7 @@ func DeviceModaliases() []string {
 	files, _ := filepath.Glob("/sys/bus/*/devices/*/modalias")
 	var out []string
 	for _, f := range files {
-		if b, err := os.ReadFile(f); err == nil { //nolint:gosec // sysfs
+		if b, err := os.ReadFile(f); err == nil {
 			if a := strings.TrimSpace(string(b)); a != "" {
 				out = append(out, a)
 			}
@@ -143,12 +143,12 @@ func LoadModules(paths []string, load func(path string) error) ModuleLoadReport 
 // FinitModule loads a kernel module file with finit_module(2). A module that is already
 // loaded counts as loaded.
 func FinitModule(path string) error {
-	f, err := os.Open(path) //nolint:gosec // paths come from the initramfs's own load order
+	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer func() { _ = f.Close() }()
-	err = unix.FinitModule(int(f.Fd()), "", 0) //nolint:gosec // a file descriptor fits in int
+	err = unix.FinitModule(int(f.Fd()), "", 0)
 	if err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("finit_module %s: %w", path, err)
 	}

@@ -69,8 +69,9 @@ func (r *rtnl) do(typ uint16, flags uint16, body []byte) error {
 			}
 			data := b[unix.SizeofNlMsghdr:l]
 			if seq == r.seq && typ == unix.NLMSG_ERROR && len(data) >= 4 {
-				if errno := -int32(binary.NativeEndian.Uint32(data)); errno != 0 { //nolint:gosec // errno from the kernel
-					return unix.Errno(errno)
+				// nlmsgerr.error: 0 or a negated errno.
+				if errno := -int32(binary.NativeEndian.Uint32(data)); errno > 0 { //nolint:gosec // a signed field
+					return unix.Errno(uint32(errno))
 				}
 				return nil
 			}
