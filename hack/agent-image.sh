@@ -41,12 +41,14 @@ if [ ! -e "$cache/.complete" ]; then
       exit 1
     fi
   fi
-  rm -rf "$cache.tmp"
-  mkdir -p "$cache.tmp"
-  dpkg-deb -x "$work"/"${KERNEL_PACKAGE}"_*.deb "$cache.tmp"
-  rm -rf "$cache"
-  mv "$cache.tmp" "$cache"
-  touch "$cache/.complete"
+  # Extract beside the cache and rename into place, so that concurrent builds (parallel
+  # test packages) never see a half-extracted tree; the first rename wins.
+  mkdir -p "$(dirname "$cache")"
+  extracted="$(mktemp -d "$cache.tmp.XXXXXX")"
+  dpkg-deb -x "$work"/"${KERNEL_PACKAGE}"_*.deb "$extracted"
+  touch "$extracted/.complete"
+  [ -e "$cache/.complete" ] || rm -rf "$cache"
+  mv -T "$extracted" "$cache" 2>/dev/null || rm -rf "$extracted"
 fi
 
 if [ "$mode" = kernel ]; then
