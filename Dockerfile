@@ -59,16 +59,41 @@ RUN apt-get update \
  && chmod 0644 /boot-assets/ipxe/*
 
 # ---------------------------------------------------------------------------------------------
+# The agent servers network-boot into (make agent-image): Debian's kernel, pinned in
+# hack/agent-image.sh, and an initramfs with the static agent as /init, its kernel modules and
+# the GRUB images it installs. Servers are x86-64 whatever the manager's architecture, so the
+# stage runs on the build platform. The bookworm variant of the Go image: the pinned kernel
+# package and the GRUB packages come from bookworm's archive.
+FROM --platform=$BUILDPLATFORM golang:${GO_VERSION}-bookworm AS agent
+ARG GOPROXY=https://proxy.golang.org,direct
+WORKDIR /workspace
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends grub-common grub-efi-amd64-bin grub-pc-bin \
+ && rm -rf /var/lib/apt/lists/*
+# apt-get download needs the package lists; the script only writes outside the sources (its
+# output directory, the kernel cache under $HOME and temporary files).
+RUN --mount=type=cache,target=/go/pkg/mod \
+    --mount=type=cache,target=/root/.cache/go-build \
+    --mount=type=bind,target=. \
+    apt-get update \
+ && hack/agent-image.sh /tmp/agent \
+ && mkdir -p /boot-assets/agent \
+ && cp -L /tmp/agent/vmlinuz /tmp/agent/initramfs /tmp/agent/SHA256SUMS /boot-assets/agent/ \
+ && chmod 0644 /boot-assets/agent/* \
+ && rm -rf /var/lib/apt/lists/*
+
+# ---------------------------------------------------------------------------------------------
 # Runtime: distroless static, as its non-root user. The platform is pinned to ARCH so the base
 # always matches the binary, also when ARCH is set without --platform.
 FROM --platform=linux/${ARCH} gcr.io/distroless/static:nonroot
 LABEL org.opencontainers.image.source="https://github.com/anvil-metal/cluster-api-provider-anvil" \
       org.opencontainers.image.title="Anvil manager" \
       org.opencontainers.image.description="Cluster API infrastructure provider for bare metal"
-# Boot assets end up at /usr/share/anvil/ipxe/, the same path as in the ko-built image, with
-# /usr/share/anvil/agent/ for the agent kernel and initramfs (the manager opens the directory
-# at start-up; no build target makes the agent artifacts yet, docs/real-hardware.md).
+# Boot assets end up at /usr/share/anvil/ipxe/ and /usr/share/anvil/agent/ (the agent kernel
+# and initramfs, which the manager serves by default: --agent-artifacts-dir), the same paths
+# as in the ko-built image.
 COPY --from=ipxe /boot-assets/ /usr/share/anvil/
+COPY --from=agent /boot-assets/agent/ /usr/share/anvil/agent/
 COPY --from=builder /out/manager /manager
 # Numeric, so Kubernetes can enforce runAsNonRoot without reading /etc/passwd.
 USER 65532:65532

@@ -104,14 +104,18 @@ envtest: ## Build (once, cached by version) the kube-apiserver and etcd that tes
 test-deps: ## Install the Debian packages the real-peer tests use.
 	@hack/install-test-deps.sh
 
+.PHONY: agent-image
+agent-image: ## Build the agent's kernel and initramfs into out/agent (Debian kernel, pinned in hack/agent-image.sh, cached in ~/.cache/anvil).
+	hack/agent-image.sh out/agent
+
 .PHONY: image
-image: ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed), with the iPXE boot assets.
+image: agent-image ## Build the manager image as an OCI tarball, offline, with ko (no Docker needed), with the iPXE boot assets and the agent.
 	@hack/image/install-deps.sh
 	IMAGE=$(IMAGE) TAG=$(TAG) hack/image/build.sh ./cmd/manager $(IMAGE_TARBALL)
 
 .PHONY: verify-image
-verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint, iPXE boot assets and agent directory.
-	REQUIRE_BOOT_ASSETS=1 hack/image/verify.sh $(IMAGE_TARBALL)
+verify-image: ## Check the image tarball: one image, uid 65532, static manager entrypoint, iPXE boot assets, agent kernel and initramfs.
+	REQUIRE_BOOT_ASSETS=1 REQUIRE_AGENT=1 hack/image/verify.sh $(IMAGE_TARBALL)
 
 ##@ Release
 

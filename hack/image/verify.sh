@@ -9,6 +9,7 @@
 #   ARCH                 expected architecture (default amd64)
 #   BINARY_NAME          expected entrypoint file name (default manager)
 #   REQUIRE_BOOT_ASSETS  set to 1 to also require the iPXE binaries in the image
+#   REQUIRE_AGENT        set to 1 to also require the agent kernel and initramfs (make agent-image)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -23,4 +24,5 @@ fi
 imagetool="$(ensure_imagetool)"
 args=(--platform "linux/${ARCH:-amd64}" --binary-name "${BINARY_NAME-manager}" --uid 65532)
 if [ "${REQUIRE_BOOT_ASSETS:-0}" = 1 ]; then args+=(--require-boot-assets); fi
+if [ "${REQUIRE_AGENT:-0}" = 1 ]; then args+=(--require-agent); fi
 exec "$imagetool" verify "${args[@]}" "$tarball"

@@ -39,8 +39,11 @@ type Config struct {
 	// HealthGate goes onto config drives (nil: none; the OS then keeps a pending slot only
 	// until GRUB's tries run out, unless the image marks it good itself).
 	HealthGate *disk.HealthGate
-	Client     agentapi.ClientOptions
-	Log        logr.Logger
+	// Layout configures an A/B layout the install creates: the GRUB images the agent carries
+	// and grub.cfg's kernel arguments and console.
+	Layout disk.LayoutOptions
+	Client agentapi.ClientOptions
+	Log    logr.Logger
 }
 
 // Run registers and works until a reboot or power-off task ends it, or ctx ends.
@@ -130,7 +133,7 @@ func install(ctx context.Context, cfg Config, client *agentapi.Client, task agen
 	}
 	src := agent.ImageSource{URL: task.Image.URL, Checksum: task.Image.Checksum, Format: task.Image.Format, Layout: task.Image.Layout}
 	lastPercent := int32(-10)
-	res, err := agent.Install(ctx, src, cfg.Disk, agent.InstallOptions{Hints: task.RootDeviceHints, Roots: cfg.Roots, ConfigDrive: cd,
+	res, err := agent.Install(ctx, src, cfg.Disk, agent.InstallOptions{Hints: task.RootDeviceHints, Roots: cfg.Roots, ConfigDrive: cd, Layout: cfg.Layout,
 		Progress: func(p agent.Progress) {
 			if p.DownloadTotal <= 0 {
 				return

@@ -58,6 +58,8 @@ type Config struct {
 	TFTPSinglePort bool
 	// Backend options (Secrets reader, Notify, timeouts); ImageURL is filled in here.
 	Backend provision.Options
+	// AgentKernelArgs are added to the agent kernel's command line (httpboot.Options.ExtraKernelArgs).
+	AgentKernelArgs []string
 	// OnServed is told of every iPXE script and agent artifact served (httpboot.Options).
 	OnServed func(httpboot.Served)
 	Log      logr.Logger
@@ -127,7 +129,7 @@ func New(cfg Config) (*Services, error) {
 		return nil, err
 	}
 	handler, err := httpboot.NewHandler(httpboot.Options{Hosts: s.Backend, Tokens: s.Tokens, PublicURL: s.cfg.PublicURL,
-		ArtifactsDir: cfg.ArtifactsDir, Images: s.Images, AgentAPI: api, OnServed: cfg.OnServed, Log: cfg.Log.WithName("httpboot")})
+		ArtifactsDir: cfg.ArtifactsDir, Images: s.Images, AgentAPI: api, OnServed: cfg.OnServed, ExtraKernelArgs: cfg.AgentKernelArgs, Log: cfg.Log.WithName("httpboot")})
 	if err != nil {
 		_ = s.listener.Close()
 		return nil, err

@@ -29,6 +29,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/httpboot"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/netns"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/provision"
 )
 
 // qemuLab is a provisioning network for the qemu tests: a bridge in a network namespace,
@@ -56,7 +57,24 @@ const labBridge = "br0"
 // labServerIP is the boot services' address on the lab network (TEST-NET-1).
 var labServerIP = netip.MustParseAddr("192.0.2.1")
 
+// labConfig changes what a lab's boot services serve.
+type labConfig struct {
+	// artifactsDir holds the agent's vmlinuz and initramfs; empty serves the stand-in kernel
+	// and an initramfs of arbitrary bytes.
+	artifactsDir string
+	// backend options (bootstrap data Secrets, Notify) for the provisioning backend.
+	backend provision.Options
+	// allowLocalImages lets the image cache fetch from loopback.
+	allowLocalImages bool
+	// agentKernelArgs are added to the agent's kernel command line.
+	agentKernelArgs []string
+}
+
 func newQEMULab(t *testing.T, mode dhcp.Mode) *qemuLab {
+	return newQEMULabWith(t, mode, labConfig{})
+}
+
+func newQEMULabWith(t *testing.T, mode dhcp.Mode, cfg labConfig) *qemuLab {
 	l := &qemuLab{t: t, start: time.Now()}
 	l.qemu, l.ovmf = needQEMU(t)
 	l.ns = netns.New(t)
@@ -72,22 +90,26 @@ func newQEMULab(t *testing.T, mode dhcp.Mode) *qemuLab {
 	_, _ = l.ns.Run(context.Background(), "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
 	l.capture = startDHCPCapture(t, l.ns, labBridge)
 
-	// Artifacts: the kernel stand-in and an initramfs of arbitrary bytes.
-	artifacts := t.TempDir()
-	l.kernel = standInKernel(t, 1<<20)
-	l.initramfs = make([]byte, 3<<20)
-	for i := range l.initramfs {
-		l.initramfs[i] = byte(i*7 + i>>11)
+	artifacts := cfg.artifactsDir
+	if artifacts == "" {
+		// Artifacts: the kernel stand-in and an initramfs of arbitrary bytes.
+		artifacts = t.TempDir()
+		l.kernel = standInKernel(t, 1<<20)
+		l.initramfs = make([]byte, 3<<20)
+		for i := range l.initramfs {
+			l.initramfs[i] = byte(i*7 + i>>11)
+		}
+		must(t, os.WriteFile(filepath.Join(artifacts, "vmlinuz"), l.kernel, 0o644))
+		must(t, os.WriteFile(filepath.Join(artifacts, "initramfs"), l.initramfs, 0o644))
 	}
-	must(t, os.WriteFile(filepath.Join(artifacts, "vmlinuz"), l.kernel, 0o644))
-	must(t, os.WriteFile(filepath.Join(artifacts, "initramfs"), l.initramfs, 0o644))
 
 	must(t, l.ns.Do(func() error {
 		var err error
 		l.svc, err = New(Config{
 			HTTPAddress: labServerIP.String() + ":0", ArtifactsDir: artifacts,
-			ImageCacheDir: t.TempDir(), ImageCacheBytes: 1 << 30,
-			DHCPMode: mode, DHCPInterface: labBridge, ServerIP: labServerIP, TFTPDir: "/usr/lib/ipxe",
+			ImageCacheDir: t.TempDir(), ImageCacheBytes: 1 << 30, AllowLocalImages: cfg.allowLocalImages, Backend: cfg.backend,
+			AgentKernelArgs: cfg.agentKernelArgs,
+			DHCPMode:        mode, DHCPInterface: labBridge, ServerIP: labServerIP, TFTPDir: "/usr/lib/ipxe",
 			TFTPSinglePort: true, // transfers must stay in this namespace
 			OnServed:       func(s httpboot.Served) { l.mu.Lock(); defer l.mu.Unlock(); l.served = append(l.served, s) },
 			Log: funcr.New(func(p, a string) { t.Log(time.Since(l.start).Round(100*time.Millisecond), p, a) },

@@ -220,6 +220,25 @@ func TestVerify(t *testing.T) {
 			return appImage(t, b, "65532", []string{"/manager"}, exe("/manager", static))
 		},
 		opts: func(o *verifyOptions) { o.RequireBootAssets = true },
+	}, {
+		name: "agent required but absent",
+		img: func(t *testing.T) v1.Image {
+			return appImage(t, base, "65532", []string{"/manager"}, exe("/manager", static))
+		},
+		opts: func(o *verifyOptions) { o.RequireAgent = true },
+		want: []string{"agent: want vmlinuz, initramfs under /usr/share/anvil/agent"},
+	}, {
+		name: "agent required and present",
+		img: func(t *testing.T) v1.Image {
+			agent := t.TempDir()
+			for _, name := range []string{"vmlinuz", "initramfs"} {
+				if err := os.WriteFile(filepath.Join(agent, name), []byte(name), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return appImage(t, testBase(t, baseOptions{AgentDir: agent}), "65532", []string{"/manager"}, exe("/manager", static))
+		},
+		opts: func(o *verifyOptions) { o.RequireAgent = true },
 	}}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,7 +1,7 @@
 // Command imagetool is the small helper behind hack/image/build.sh and hack/image/verify.sh.
 //
 //	imagetool base   --layout DIR [--name REF] [--arch ARCH] [--ca-bundle FILE] [--ipxe-dir DIR] [--agent-dir DIR]
-//	imagetool verify [--uid N] [--binary-name NAME] [--platform OS/ARCH] [--require-boot-assets] TARBALL
+//	imagetool verify [--uid N] [--binary-name NAME] [--platform OS/ARCH] [--require-boot-assets] [--require-agent] TARBALL
 //
 // "base" writes a minimal, scratch-like base image into an OCI layout (ko's KOCACHE/img) and
 // prints "REF@DIGEST", which build.sh hands to ko as its base image. ko only reads a base from
@@ -76,6 +76,7 @@ func runVerify(args []string) int {
 	fs.StringVar(&o.BinaryName, "binary-name", "manager", "expected file name of the entrypoint binary (\"\" to skip)")
 	fs.StringVar(&o.Platform, "platform", "linux/amd64", "expected os/arch of the image (\"\" to skip)")
 	fs.BoolVar(&o.RequireBootAssets, "require-boot-assets", false, "fail unless the iPXE binaries are in the image")
+	fs.BoolVar(&o.RequireAgent, "require-agent", false, "fail unless the agent kernel and initramfs are in the image")
 	_ = fs.Parse(args)
 	if fs.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: imagetool verify [flags] TARBALL")

@@ -24,6 +24,7 @@ type verifyOptions struct {
 	BinaryName        string // required base name of the entrypoint; "" to skip
 	Platform          string // required "os/arch"; "" to skip
 	RequireBootAssets bool   // fail unless every ipxeFiles entry is under bootAssetsDir
+	RequireAgent      bool   // fail unless every agentFiles entry is under agentAssetsDir
 }
 
 // elfMachine maps GOARCH to the ELF machine a binary for it must declare.
@@ -109,7 +110,7 @@ func verifyTarball(p string, o verifyOptions) (string, []string) {
 			strings.Join(ipxeFiles, ", "), bootAssetsDir, assets)
 	}
 	// The manager opens the agent directory at start-up (--agent-artifacts-dir); the kernel
-	// and initramfs in it are optional until a build target makes them.
+	// and initramfs in it (make agent-image) are required with RequireAgent.
 	var agent []string
 	agentDir := fsys.headers[agentAssetsDir[1:]]
 	for _, name := range agentFiles {
@@ -127,6 +128,10 @@ func verifyTarball(p string, o verifyOptions) (string, []string) {
 		fmt.Fprintf(&rep, "  agent:       %s (empty: no agent kernel and initramfs)\n", agentAssetsDir)
 	default:
 		fmt.Fprintf(&rep, "  agent:       %s: %s\n", agentAssetsDir, strings.Join(agent, " "))
+	}
+	if o.RequireAgent && len(agent) != len(agentFiles) {
+		fail("agent: want %s under %s, found only %q (run make agent-image before make image)",
+			strings.Join(agentFiles, ", "), agentAssetsDir, agent)
 	}
 	return rep.String(), problems
 }

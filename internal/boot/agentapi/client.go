@@ -356,6 +356,10 @@ func ParseKernelCmdline(cmdline string) (BootParams, error) {
 	return p, nil
 }
 
+// SplitKernelCmdline splits a kernel command line into its arguments the way the kernel
+// does (see splitCmdline).
+func SplitKernelCmdline(cmdline string) []string { return splitCmdline(cmdline) }
+
 // splitCmdline splits on whitespace outside double quotes and drops the quotes, as the
 // kernel's next_arg does. Arguments after a bare "--" belong to init and are ignored.
 func splitCmdline(s string) []string {

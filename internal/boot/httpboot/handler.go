@@ -213,7 +213,12 @@ func NewServer(addr string, h http.Handler) *http.Server {
 }
 
 func (h *Handler) agentBoot(hb HostBoot, tok, mac string) *AgentBoot {
+	hw, err := net.ParseMAC(strings.ReplaceAll(mac, "-", ":"))
+	if err != nil || len(hw) != 6 {
+		hw = nil
+	}
 	return &AgentBoot{
+		BootMAC:       hw,
 		Host:          hb.Host,
 		KernelURL:     h.opts.KernelURL,
 		InitrdURL:     h.opts.InitrdURL,

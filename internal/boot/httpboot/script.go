@@ -3,6 +3,7 @@ package httpboot
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"net/url"
 	"regexp"
@@ -56,6 +57,9 @@ type AgentBoot struct {
 	ExtraArgs []string
 	// RetryURL is chained to (fresh state, fresh token) when loading the agent fails.
 	RetryURL string
+	// BootMAC is the NIC the host boots from, passed as BOOTIF=01-aa-bb-… so that the agent
+	// takes its DHCP lease on that NIC (servers have several); nil passes none.
+	BootMAC net.HardwareAddr
 }
 
 // maxCmdline is the x86 kernel's COMMAND_LINE_SIZE less room for the terminating NUL; a longer
@@ -143,6 +147,12 @@ func renderAgent(b *strings.Builder, a *AgentBoot) error {
 			return errors.New("CA fingerprint must be sha256:<64 lowercase hex digits>")
 		}
 		args = append(args, agentapi.KernelParamCA+"="+a.CAFingerprint)
+	}
+	if a.BootMAC != nil {
+		if len(a.BootMAC) != 6 {
+			return errors.New("boot MAC is not an Ethernet MAC")
+		}
+		args = append(args, "BOOTIF=01-"+strings.ReplaceAll(a.BootMAC.String(), ":", "-"))
 	}
 	for _, c := range a.Console {
 		if !consoleRE.MatchString(c) {

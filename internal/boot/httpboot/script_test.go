@@ -1,6 +1,7 @@
 package httpboot
 
 import (
+	"net"
 	"strings"
 	"testing"
 
@@ -152,6 +153,23 @@ chain --replace --autofree http://192.168.10.1:8080/ipxe/mac/52-54-00-12-34-56 |
 	lines := parseIPXE(t, string(b))
 	if got := shape(lines); got != agentShape {
 		t.Fatalf("shape\n%s", got)
+	}
+}
+
+// The boot NIC goes to the agent as BOOTIF (PXELINUX's form: ARP type 01, dashes).
+func TestRenderAgentScriptBootIF(t *testing.T) {
+	a := sampleAgent()
+	a.BootMAC = net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}
+	b, err := RenderScript(Script{Action: ActionAgent, Agent: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), " anvil.ca=sha256:"+strings.Repeat("ab", 32)+" BOOTIF=01-52-54-00-12-34-56 console=tty0 ") {
+		t.Errorf("no BOOTIF after the anvil parameters:\n%s", b)
+	}
+	a.BootMAC = net.HardwareAddr{1, 2, 3, 4, 5, 6, 7, 8}
+	if _, err := RenderScript(Script{Action: ActionAgent, Agent: a}); err == nil {
+		t.Error("an 8-byte boot MAC was rendered")
 	}
 }
 
