@@ -177,7 +177,7 @@ func TestFailedInBandInspectionBacksOffAndRecovers(t *testing.T) {
 	if !strings.Contains(e.Message, "in-band inspection") || !strings.Contains(e.Message, "PXE") {
 		t.Errorf("error %q should say what failed and what to check", e.Message)
 	}
-	if !(requeues[0] < requeues[1] && requeues[1] < requeues[2]) {
+	if requeues[0] >= requeues[1] || requeues[1] >= requeues[2] {
 		t.Errorf("requeues %v; want a growing back-off", requeues)
 	}
 	if c := inspectedCondition(h); c.Reason != reasonInspectionFailed || c.Status != metav1.ConditionFalse {
