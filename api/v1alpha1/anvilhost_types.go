@@ -112,6 +112,24 @@ type BootNetwork struct {
 	Nameservers []string `json:"nameservers,omitempty"`
 }
 
+// InspectionMode says where a host's hardware inventory (CPU, memory, disks, NICs) comes from.
+// +kubebuilder:validation:Enum=Auto;OutOfBand;InBand
+type InspectionMode string
+
+const (
+	// InspectionAuto reads the inventory from the BMC, and network-boots the agent once to
+	// report it when the BMC reports no CPU or memory (IPMI reports only its FRU).
+	InspectionAuto InspectionMode = "Auto"
+	// InspectionOutOfBand reads the inventory from the BMC only: the agent is never booted
+	// just to inspect, so an IPMI host has no hardware labels until the agent runs for an
+	// install or a wipe.
+	InspectionOutOfBand InspectionMode = "OutOfBand"
+	// InspectionInBand prefers what the agent reports: the agent is network-booted to inspect
+	// whenever the host has no in-band inventory yet, and an in-band inventory is kept over
+	// the BMC's (for BMCs whose inventory is incomplete or wrong).
+	InspectionInBand InspectionMode = "InBand"
+)
+
 // MachineReference identifies the AnvilMachine that claimed a host (same namespace).
 type MachineReference struct {
 	// name of the AnvilMachine.
@@ -211,6 +229,14 @@ type AnvilHostSpec struct {
 	// +optional
 	// +kubebuilder:default=true
 	Online bool `json:"online"`
+
+	// inspection says where the hardware inventory comes from: Auto (the BMC, and the agent
+	// network-booted once when the BMC reports no CPU or memory, as IPMI BMCs do), OutOfBand
+	// (the BMC only; the agent is never booted just to inspect) or InBand (the agent whenever
+	// the host has no in-band inventory yet, kept over the BMC's).
+	// +optional
+	// +kubebuilder:default=Auto
+	Inspection InspectionMode `json:"inspection,omitempty"`
 
 	// maintenance, when set, stops every action on the host except reading its status.
 	// Removing it from an unclaimed host wipes the host (metadata) and re-inspects it before it

@@ -42,13 +42,16 @@ type BMCAccess interface {
 	Do(ctx context.Context, key string, t bmc.Target, opName string, op func(context.Context, bmc.Client) error) error
 }
 
-// Provisioner carries out the steps that need more than the BMC: installing an image and
-// wiping disks. The agent and boot-services issues provide the real one; Simulated drives
-// only the BMC. Each call advances the work and says whether it is done; it is called again
-// on the next reconcile until it is.
+// Provisioner carries out the steps that need more than the BMC: installing an image,
+// wiping disks and inspecting in band. The agent and boot-services issues provide the real
+// one; Simulated drives only the BMC. Each call advances the work and says whether it is done;
+// it is called again on the next reconcile until it is.
 type Provisioner interface {
 	Provision(ctx context.Context, h *infrav1.AnvilHost, run BMCRunner) (Outcome, error)
 	Deprovision(ctx context.Context, h *infrav1.AnvilHost, policy infrav1.WipePolicy, run BMCRunner) (Outcome, error)
+	// Inspect has the host report its hardware in band and leaves it powered off. When done,
+	// h.Status.Hardware holds the reported inventory (source InBand), if the backend has one.
+	Inspect(ctx context.Context, h *infrav1.AnvilHost, run BMCRunner) (Outcome, error)
 }
 
 // BMCRunner runs one operation on this host's BMC through the pool.
@@ -222,22 +225,121 @@ func (s *step) registering() stepResult {
 	return stepResult{next: infrav1.HostStateInspecting, cont: true}
 }
 
-// inspecting reads the out-of-band inventory and labels the host from it.
+// inspecting reads the out-of-band inventory and labels the host from it. When the BMC
+// reports no CPU or memory (IPMI gives only its FRU) and the agent has never reported, it has
+// the agent network-booted to report in band (see inspectInBand); spec.inspection opts out of
+// that or asks for it whatever the BMC reports.
 func (s *step) inspecting() stepResult {
-	h := s.in.Host
+	if s.inBandInspectionUnderway() {
+		// Decided on an earlier reconcile (before a restart, perhaps): the BMC's inventory is
+		// not read again on every poll of the agent.
+		return s.inspectInBand(nil)
+	}
+	inv, ok := s.bmcInventory()
+	if !ok {
+		return s.failed()
+	}
+	if s.wantInBandInspection(inv) {
+		return s.inspectInBand(inv)
+	}
+	return s.inspected(inv)
+}
+
+// bmcInventory reads the out-of-band inventory.
+func (s *step) bmcInventory() (*infrav1.HardwareInventory, bool) {
 	var inv *infrav1.HardwareInventory
 	err := s.runBMC("inventory", func(ctx context.Context, c bmc.Client) error {
 		var err error
 		inv, err = c.Inventory(ctx)
 		return err
 	})
+	return inv, err == nil
+}
+
+// wantInBandInspection decides, from what the BMC reported, whether the agent must be booted
+// to report the hardware. Never when the host already has an in-band inventory: every
+// install and wipe refreshes it, so one boot per host is enough.
+func (s *step) wantInBandInspection(bmcInv *infrav1.HardwareInventory) bool {
+	h := s.in.Host
+	if hasInBandInventory(h) {
+		return false
+	}
+	switch h.Spec.Inspection {
+	case infrav1.InspectionOutOfBand:
+		return false
+	case infrav1.InspectionInBand:
+		return true
+	default:
+		return !hasCompute(bmcInv)
+	}
+}
+
+// inBandInspectionUnderway reports whether an earlier reconcile of this Inspecting pass
+// started an in-band inspection that has not finished. The Inspected condition carries the
+// decision, so a controller restarted meanwhile goes on with it (a new attempt) instead of
+// reading the BMC again.
+func (s *step) inBandInspectionUnderway() bool {
+	h := s.in.Host
+	if h.Spec.Inspection == infrav1.InspectionOutOfBand || hasInBandInventory(h) {
+		return false
+	}
+	c := conditions.Get(h, ConditionInspected)
+	return c != nil && c.Status == metav1.ConditionFalse && (c.Reason == reasonInspectingInBand || c.Reason == reasonInspectionFailed)
+}
+
+// The Inspected condition's reasons while the agent inspects.
+const (
+	reasonInspectingInBand = "InspectingInBand"
+	reasonInspectionFailed = "InspectionFailed"
+)
+
+// inspectInBand has the provisioner boot the agent, which reports the inventory at
+// registration and powers the server off. The host stays Inspecting until that is done, like
+// a wipe in Deprovisioning: a controller restarted meanwhile starts a new attempt. A failure
+// (the agent never registered, or did not finish) is kept as the host's last error until an
+// inspection succeeds, so the retries back off. bmcInv is the BMC's inventory when it was
+// read in this reconcile.
+func (s *step) inspectInBand(bmcInv *infrav1.HardwareInventory) stepResult {
+	h := s.in.Host
+	out, err := s.m.Provisioner.Inspect(s.ctx, h, s.runBMC)
 	if err != nil {
+		err = fmt.Errorf("in-band inspection: %w", err)
+		s.recordError(reasonInspectionFailed, err)
+		conditions.Set(h, metav1.Condition{Type: ConditionInspected, Status: metav1.ConditionFalse, Reason: reasonInspectionFailed, Message: err.Error()})
 		return s.failed()
 	}
-	if old := h.Status.Hardware; old != nil && old.Source == inventoryInBand && !hasCompute(inv) {
+	if !out.Done {
+		msg := "the agent reports the hardware in band: " + out.Message
+		if e := h.Status.LastError; e != nil && e.Reason == reasonInspectionFailed {
+			msg += fmt.Sprintf(" (retry %d after: %s)", e.Count, e.Message)
+		}
+		conditions.Set(h, metav1.Condition{Type: ConditionInspected, Status: metav1.ConditionFalse, Reason: reasonInspectingInBand, Message: msg})
+		return stepResult{requeueAfter: max(out.RequeueAfter, time.Second)}
+	}
+	s.in.LastPowerSync = time.Time{} // the agent powered the server off: read it again now
+	if hasInBandInventory(h) {
+		return s.inspected(h.Status.Hardware.DeepCopy())
+	}
+	// The backend has no in-band inventory to give (Simulated, or an agent that reported
+	// none): go on with what the BMC reports rather than boot the agent forever.
+	if bmcInv == nil {
+		var ok bool
+		if bmcInv, ok = s.bmcInventory(); !ok {
+			return s.failed()
+		}
+	}
+	return s.inspected(bmcInv)
+}
+
+// inspected records an inventory, labels the host from it and makes it Available.
+func (s *step) inspected(inv *infrav1.HardwareInventory) stepResult {
+	h := s.in.Host
+	if old := h.Status.Hardware; old != nil && old.Source == inventoryInBand &&
+		(!hasCompute(inv) || h.Spec.Inspection == infrav1.InspectionInBand) {
 		// An IPMI BMC reports only its FRU (no CPU, memory or disks): keep what the agent
 		// reported in band (on its last network boot, e.g. the wipe before this inspection)
-		// rather than lose the hardware labels machines select by.
+		// rather than lose the hardware labels machines select by. InBand prefers the agent's
+		// report whatever the BMC says.
 		inv = old.DeepCopy()
 	}
 	if old := h.Status.Hardware; old != nil && sameHardware(old, inv) {
@@ -250,7 +352,11 @@ func (s *step) inspecting() stepResult {
 	h.Status.Hardware = inv
 	ApplyHardwareLabels(h)
 	source := "out-of-band"
-	if inv.Source == inventoryInBand {
+	switch {
+	case inv.Source != inventoryInBand:
+	case h.Spec.Inspection == infrav1.InspectionInBand:
+		source = "in-band, from the agent, as spec.inspection InBand asks"
+	default:
 		source = "in-band, from the agent; the BMC reports no CPU or memory"
 	}
 	conditions.Set(h, metav1.Condition{Type: ConditionInspected, Status: metav1.ConditionTrue, Reason: "Inspected",
@@ -622,6 +728,11 @@ func (m *Machine) retryInterval() time.Duration {
 
 // inventoryInBand is HardwareInventory.Source for what the agent reported.
 const inventoryInBand = "InBand"
+
+// hasInBandInventory reports whether the agent has reported this host's hardware.
+func hasInBandInventory(h *infrav1.AnvilHost) bool {
+	return h.Status.Hardware != nil && h.Status.Hardware.Source == inventoryInBand
+}
 
 // hasCompute reports whether an inventory says anything about CPU or memory (an IPMI FRU
 // inventory does not).

@@ -33,6 +33,10 @@ func (p *wipingProvisioner) Provision(ctx context.Context, h *infrav1.AnvilHost,
 	return Simulated{}.Provision(ctx, h, run)
 }
 
+func (p *wipingProvisioner) Inspect(ctx context.Context, h *infrav1.AnvilHost, run BMCRunner) (Outcome, error) {
+	return Simulated{}.Inspect(ctx, h, run)
+}
+
 func (p *wipingProvisioner) Deprovision(_ context.Context, _ *infrav1.AnvilHost, policy infrav1.WipePolicy, run BMCRunner) (Outcome, error) {
 	p.calls++
 	if p.fail != nil {

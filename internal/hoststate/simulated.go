@@ -44,6 +44,12 @@ func (Simulated) Deprovision(_ context.Context, _ *infrav1.AnvilHost, _ infrav1.
 	return Outcome{Done: true}, nil
 }
 
+// Inspect is done at once and reports nothing: there is no agent to report an inventory (and
+// none is made up), so the host keeps what its BMC reports.
+func (Simulated) Inspect(context.Context, *infrav1.AnvilHost, BMCRunner) (Outcome, error) {
+	return Outcome{Done: true}, nil
+}
+
 // PowerCycleOrOn reboots a running server or starts a stopped one: BMCs refuse a power cycle
 // of a server that is off (Redfish answers "not supported in present state").
 func PowerCycleOrOn(ctx context.Context, c bmc.Client) error {

@@ -43,6 +43,10 @@ func (p *abProvisioner) Provision(_ context.Context, h *infrav1.AnvilHost, _ BMC
 	return Outcome{Done: true}, nil
 }
 
+func (p *abProvisioner) Inspect(ctx context.Context, h *infrav1.AnvilHost, run BMCRunner) (Outcome, error) {
+	return Simulated{}.Inspect(ctx, h, run)
+}
+
 func (p *abProvisioner) Deprovision(context.Context, *infrav1.AnvilHost, infrav1.WipePolicy, BMCRunner) (Outcome, error) {
 	return Outcome{Done: true}, nil
 }

@@ -1,5 +1,6 @@
 // Package provision is the real provisioning backend: it network-boots a host into the Anvil
-// agent and hands the agent its tasks (install, wipe, reboot, power off). It implements
+// agent and hands the agent its tasks (install, wipe, reboot, power off; an inspection is a
+// boot whose only task is power off, the inventory coming with registration). It implements
 //   - hoststate.Provisioner, which the host controller calls;
 //   - agentapi.Backend, which the agent API server calls for an authenticated agent;
 //   - httpboot.Hosts, which decides what iPXE script a booting MAC gets.
@@ -73,6 +74,8 @@ type purpose string
 const (
 	purposeInstall purpose = "install"
 	purposeWipe    purpose = "wipe"
+	// purposeInspect boots the agent only for the inventory its registration carries.
+	purposeInspect purpose = "inspect"
 )
 
 // attempt is one network boot of one host, with the tasks its agent is to run.
@@ -166,6 +169,15 @@ func (b *Backend) Deprovision(ctx context.Context, h *infrav1.AnvilHost, policy 
 	}
 	return b.advance(h, purposeWipe, run, func(id string) ([]agentapi.Task, error) {
 		return []agentapi.Task{{ID: id + "-wipe", Kind: agentapi.TaskWipe, WipePolicy: policy}, {ID: id + "-poweroff", Kind: agentapi.TaskPowerOff}}, nil
+	})
+}
+
+// Inspect network-boots the agent for its inventory alone: registration carries it (and a
+// finished attempt writes it into status as the InBand inventory), so the agent's one task is
+// to power the server off. Nothing is written to any disk.
+func (b *Backend) Inspect(ctx context.Context, h *infrav1.AnvilHost, run hoststate.BMCRunner) (hoststate.Outcome, error) {
+	return b.advance(h, purposeInspect, run, func(id string) ([]agentapi.Task, error) {
+		return []agentapi.Task{{ID: id + "-poweroff", Kind: agentapi.TaskPowerOff}}, nil
 	})
 }
 

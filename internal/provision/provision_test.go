@@ -248,3 +248,88 @@ func TestWipeThenPowerOff(t *testing.T) {
 		t.Error("the host controller was never woken by agent reports")
 	}
 }
+
+// In-band inspection is a network boot whose agent only powers off: the inventory comes with
+// its registration and becomes the host's InBand inventory; nothing is installed or wiped and
+// no bootstrap data is served.
+func TestInspectionBootsTheAgentForItsInventory(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	r.host.Spec.Claim = nil
+	r.host.Status.State = infrav1.HostStateInspecting
+	out, err := r.backend.Inspect(ctx, r.host, r.run())
+	if err != nil || out.Done || !strings.Contains(out.Message, "network-booting") {
+		t.Fatalf("first step: %+v, %v", out, err)
+	}
+	if r.bmc.Boot != bmc.BootPXE || r.bmc.Power != infrav1.PowerOn {
+		t.Fatalf("the host was not network-booted: boot %s power %s", r.bmc.Boot, r.bmc.Power)
+	}
+	if out, _ := r.backend.Inspect(ctx, r.host, r.run()); out.Done || !strings.Contains(out.Message, "register") {
+		t.Errorf("before registration: %+v; want a wait for the agent", out)
+	}
+
+	ag := r.agent()
+	inv := infrav1.HardwareInventory{CPU: infrav1.CPUInfo{Arch: "amd64", Cores: 16}, NUMANodes: []infrav1.NUMANode{{ID: 0}},
+		Disks: []infrav1.Disk{{Name: "/dev/nvme0n1"}}}
+	if _, err := ag.Register(ctx, "test", inv); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ag.BootstrapData(ctx); err == nil {
+		t.Error("bootstrap data served to an inspecting agent")
+	}
+	task, err := ag.NextTask(ctx)
+	if err != nil || task.Kind != agentapi.TaskPowerOff {
+		t.Fatalf("task %+v, %v; want power-off only", task, err)
+	}
+	if out, _ := r.backend.Inspect(ctx, r.host, r.run()); out.Done || r.host.Status.Hardware != nil {
+		t.Errorf("before the agent finished: %+v, hardware %+v", out, r.host.Status.Hardware)
+	}
+	if err := ag.Result(ctx, agentapi.Result{TaskID: task.ID, Kind: task.Kind, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	if next, err := ag.NextTask(ctx); err != nil || next.Kind != agentapi.TaskNone {
+		t.Errorf("after power-off: task %+v, %v; want none", next, err)
+	}
+	out, err = r.backend.Inspect(ctx, r.host, r.run())
+	if err != nil || !out.Done {
+		t.Fatalf("after the agent finished: %+v, %v", out, err)
+	}
+	hw := r.host.Status.Hardware
+	if hw == nil || hw.Source != "InBand" || hw.CPU.Cores != 16 || len(hw.Disks) != 1 || hw.InspectedAt == nil {
+		t.Errorf("in-band inventory %+v; want the registration's, source InBand", hw)
+	}
+	if r.host.Labels[hoststate.LabelCPUCores] != "16" || r.host.Status.BootSlots != nil {
+		t.Errorf("labels %v, boot slots %+v; want the cores label and no install recorded", r.host.Labels, r.host.Status.BootSlots)
+	}
+	mac, _ := net.ParseMAC(r.host.Spec.BootMACAddress)
+	if b, _ := r.backend.BootFor(ctx, mac); b.Action != httpboot.ActionExit {
+		t.Errorf("after inspection the MAC still boots %s", b.Action)
+	}
+}
+
+// An inspection whose agent never registers fails after the boot timeout with an error that
+// says what to check; the next call starts a new attempt, and the old token stops working.
+func TestInspectionTimesOutAndStartsOver(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	r.host.Spec.Claim = nil
+	r.host.Status.State = infrav1.HostStateInspecting
+	if _, err := r.backend.Inspect(ctx, r.host, r.run()); err != nil {
+		t.Fatal(err)
+	}
+	old := r.agent()
+	r.advance(11 * time.Minute)
+	_, err := r.backend.Inspect(ctx, r.host, r.run())
+	if err == nil || !strings.Contains(err.Error(), "did not register") || !strings.Contains(err.Error(), "PXE") {
+		t.Fatalf("timeout not explained: %v", err)
+	}
+	if out, err := r.backend.Inspect(ctx, r.host, r.run()); err != nil || out.Done {
+		t.Fatalf("retry: %+v, %v; want a new attempt", out, err)
+	}
+	if _, err := old.Register(ctx, "test", infrav1.HardwareInventory{}); err == nil {
+		t.Error("the timed-out attempt's agent could still register")
+	}
+	if _, err := r.agent().Register(ctx, "test", infrav1.HardwareInventory{}); err != nil {
+		t.Errorf("the new attempt's agent: %v", err)
+	}
+}

@@ -86,6 +86,7 @@ func TestEveryConditionReasonIsInTroubleshooting(t *testing.T) {
 		regexp.MustCompile(`recordError\("([A-Z][A-Za-z]+)"`),
 		regexp.MustCompile(`setCondition\([^,]+,[^,]+,[^,]+,\s*"([A-Z][A-Za-z]+)"`),
 		regexp.MustCompile(`return "(BMC[A-Za-z]+)"`),
+		regexp.MustCompile(`(?m)^\s*reason[A-Z][A-Za-z]*\s*=\s*"([A-Z][A-Za-z]+)"`), // named reason constants
 	}
 	reasons := map[string]string{}
 	for _, dir := range []string{"controllers", "internal/hoststate", "internal/bmc"} {

@@ -107,6 +107,17 @@ func validateHost(h *infrav1.AnvilHost) (admission.Warnings, field.ErrorList) {
 	if addr.Protocol == bmc.Redfish && !addr.HTTPS {
 		warnings = append(warnings, "spec.bmc.address uses redfish+http://: BMC credentials cross the network unencrypted")
 	}
+	switch h.Spec.Inspection {
+	case "", infrav1.InspectionAuto, infrav1.InspectionInBand:
+	case infrav1.InspectionOutOfBand:
+		if addr.Protocol == bmc.IPMI {
+			warnings = append(warnings, "spec.inspection is OutOfBand on an ipmi:// host: IPMI reports no CPU, memory or disks, "+
+				"so the host gets no hardware labels until the agent runs for an install or a wipe; use Auto to inspect it in band")
+		}
+	default:
+		errs = append(errs, field.NotSupported(spec.Child("inspection"), h.Spec.Inspection,
+			[]string{string(infrav1.InspectionAuto), string(infrav1.InspectionOutOfBand), string(infrav1.InspectionInBand)}))
+	}
 	if h.Spec.Claim != nil && h.Spec.Claim.Image != nil {
 		errs = append(errs, validateImage(*h.Spec.Claim.Image, spec.Child("claim", "image"), true)...)
 	}

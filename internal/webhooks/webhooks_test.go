@@ -110,6 +110,37 @@ func TestHostWebhook(t *testing.T) {
 	if err := env.Client.Create(ctx, host(ns, "ok", "redfish+https://10.0.0.5/redfish/v1/Systems/1")); err != nil {
 		t.Fatalf("valid host rejected: %v", err)
 	}
+
+	h = host(ns, "bad-inspection", "ipmi://10.0.0.5")
+	h.Spec.Inspection = "Manual"
+	expectRejected(t, env.Client.Create(ctx, h), "spec.inspection", "Auto")
+	h = host(ns, "ipmi-default-inspection", "ipmi://10.0.0.5")
+	if err := env.Client.Create(ctx, h); err != nil {
+		t.Fatalf("IPMI host rejected: %v", err)
+	}
+	if h.Spec.Inspection != infrav1.InspectionAuto {
+		t.Errorf("spec.inspection defaulted to %q, want Auto", h.Spec.Inspection)
+	}
+}
+
+// The CRD's enum already refuses unknown modes; the webhook says so too (for API servers that
+// skip the schema, e.g. a dry run of an older CRD) and warns when an IPMI host opts out of
+// in-band inspection.
+func TestHostInspectionModeValidation(t *testing.T) {
+	h := host("ns", "h", "ipmi://10.0.0.5")
+	h.Spec.Inspection = infrav1.InspectionOutOfBand
+	warnings, errs := validateHost(h)
+	if len(errs) != 0 || len(warnings) != 1 || !strings.Contains(warnings[0], "no hardware labels") {
+		t.Errorf("OutOfBand on IPMI: warnings %q, errors %v; want one warning about missing hardware labels", warnings, errs)
+	}
+	h.Spec.BMC.Address = "redfish+https://10.0.0.5/redfish/v1/Systems/1"
+	if warnings, errs := validateHost(h); len(errs) != 0 || len(warnings) != 0 {
+		t.Errorf("OutOfBand on Redfish: warnings %q, errors %v; want none", warnings, errs)
+	}
+	h.Spec.Inspection = "Manual"
+	if _, errs := validateHost(h); len(errs) != 1 || errs[0].Field != "spec.inspection" || !strings.Contains(errs[0].Error(), `"InBand"`) {
+		t.Errorf("unknown mode: %v; want an error on spec.inspection listing the modes", errs)
+	}
 }
 
 func TestMachineWebhook(t *testing.T) {

@@ -35,6 +35,10 @@ func (g *gatedWipe) Provision(ctx context.Context, h *infrav1.AnvilHost, run hos
 	return hoststate.Simulated{}.Provision(ctx, h, run)
 }
 
+func (g *gatedWipe) Inspect(ctx context.Context, h *infrav1.AnvilHost, run hoststate.BMCRunner) (hoststate.Outcome, error) {
+	return hoststate.Simulated{}.Inspect(ctx, h, run)
+}
+
 func (g *gatedWipe) Deprovision(_ context.Context, h *infrav1.AnvilHost, _ infrav1.WipePolicy, run hoststate.BMCRunner) (hoststate.Outcome, error) {
 	key := types.NamespacedName{Namespace: h.Namespace, Name: h.Name}
 	g.mu.Lock()
