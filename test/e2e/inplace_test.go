@@ -52,8 +52,16 @@ func TestInPlaceUpgradeThroughClusterAPI(t *testing.T) {
 
 	v2 := infrav1.Image{URL: "https://images.example.com/ubuntu-24.04-k8s-1.35-v2.img",
 		Checksum: "sha256:60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"}
+	// The new template is the cluster's worker template with only the image changed: any other
+	// difference makes the extension refuse, and Cluster API replaces the machine.
+	v1 := &infrav1.AnvilMachineTemplate{}
+	if err := f.get("inplace-worker", v1); err != nil {
+		t.Fatal(err)
+	}
+	spec := v1.Spec.Template.Spec.DeepCopy()
+	spec.Image = v2
 	f.create(&infrav1.AnvilMachineTemplate{ObjectMeta: metav1.ObjectMeta{Name: "inplace-worker-v2", Namespace: f.ns},
-		Spec: infrav1.AnvilMachineTemplateSpec{Template: infrav1.AnvilMachineTemplateResource{Spec: infrav1.AnvilMachineSpec{Image: v2}}}})
+		Spec: infrav1.AnvilMachineTemplateSpec{Template: infrav1.AnvilMachineTemplateResource{Spec: *spec}}})
 	start := time.Now()
 	md := &clusterv1.MachineDeployment{}
 	md.Namespace, md.Name = f.ns, c.mdName()
