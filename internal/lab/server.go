@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"regexp"
@@ -166,6 +167,27 @@ func (s *Server) fetchScript(ctx context.Context) (agentapi.BootParams, bool) {
 	return params, true
 }
 
+// dial is how the server's firmware, agent and OS open connections: from its own namespace on
+// the provisioning network (where the boot services' HTTP listens), or, without one, from the
+// lab's (nil: the default dialer, the boot services on loopback).
+func (s *Server) dial() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if s.Net == nil {
+		return nil
+	}
+	return s.Net.DialContext
+}
+
+// httpClient is a client that dials as the server does (see dial), with the given timeout.
+func (s *Server) httpClient(timeout time.Duration) *http.Client {
+	dial := s.dial()
+	if dial == nil {
+		return &http.Client{Timeout: timeout}
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy, tr.DialContext = nil, dial
+	return &http.Client{Transport: tr, Timeout: timeout}
+}
+
 func (s *Server) runAgent(ctx context.Context, params agentapi.BootParams) {
 	restart := func(t machine.ResetType) func(context.Context) error {
 		// The agent's reboot must not wait for its own subscriber callback: reset from a
@@ -177,7 +199,7 @@ func (s *Server) runAgent(ctx context.Context, params agentapi.BootParams) {
 	}
 	err := agentloop.Run(ctx, agentloop.Config{Params: params, Disk: s.DiskPath, Log: s.Log.WithName("agent"),
 		Inventory: func() (*infrav1.HardwareInventory, error) { return s.Inventory.DeepCopy(), nil },
-		Reboot:    restart(machine.ResetForceRestart), PowerOff: restart(machine.ResetForceOff),
+		Reboot:    restart(machine.ResetForceRestart), PowerOff: restart(machine.ResetForceOff), Dial: s.dial(),
 		// The gate's files (and its boot-report URL and token) go on the config drive; the
 		// emulated OS does what they do (see bootDisk). User-data stays as CABPK wrote it.
 		HealthGate: &disk.HealthGate{NoUserDataHook: true},
@@ -270,7 +292,7 @@ func (s *Server) reportBoot(ctx context.Context, gateEnv []byte, slot infrav1.Sl
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := s.httpClient(time.Minute).Do(req)
 	if err != nil {
 		s.Log.Info("boot report failed", "error", err.Error())
 		return
