@@ -179,7 +179,11 @@ func (s *Server) dial() func(ctx context.Context, network, addr string) (net.Con
 
 // httpClient is a client that dials as the server does (see dial), with the given timeout.
 func (s *Server) httpClient(timeout time.Duration) *http.Client {
-	dial := s.dial()
+	return dialingClient(s.dial(), timeout)
+}
+
+// dialingClient is an HTTP client whose connections dial opens (nil: the default dialer).
+func dialingClient(dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration) *http.Client {
 	if dial == nil {
 		return &http.Client{Timeout: timeout}
 	}
@@ -275,6 +279,12 @@ func (s *Server) bootDisk(ctx context.Context) {
 // reportBoot posts the boot report the health gate sends, with the URL and token the agent
 // put into anvil/anvil.env.
 func (s *Server) reportBoot(ctx context.Context, gateEnv []byte, slot infrav1.Slot, good bool, failed string) {
+	s.reportVia(ctx, s.dial(), gateEnv, slot, good, failed)
+}
+
+// reportVia posts the boot report with connections dial opens.
+func (s *Server) reportVia(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error),
+	gateEnv []byte, slot infrav1.Slot, good bool, failed string) {
 	vars := map[string]string{}
 	for _, line := range strings.Split(string(gateEnv), "\n") {
 		if k, v, ok := strings.Cut(line, "="); ok {
@@ -292,7 +302,7 @@ func (s *Server) reportBoot(ctx context.Context, gateEnv []byte, slot infrav1.Sl
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := s.httpClient(time.Minute).Do(req)
+	resp, err := dialingClient(dial, time.Minute).Do(req)
 	if err != nil {
 		s.Log.Info("boot report failed", "error", err.Error())
 		return

@@ -1,0 +1,76 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/lab"
+)
+
+// vmMemoryMiB is each qemu VM's memory (its BMC reports it too).
+const vmMemoryMiB = 1024
+
+// vmSetup is what --vm needs: qemu, and the OS image the VMs can boot (also the lab's v1 image,
+// so that whichever host a machine claims installs the same image).
+type vmSetup struct {
+	qemu  string
+	image []byte
+	// onPowerOn hears of each VM's power-on (the lab prints it).
+	onPowerOn func(vm string, network bool)
+}
+
+// prepareVM finds qemu, builds the agent's kernel and initramfs into out/agent when they are
+// missing (hack/agent-image.sh, as make agent-image does), and builds the VMs' OS image: the
+// agent's Debian kernel and test/qemuos as init (lab.VMImage).
+func prepareVM(workDir string, out io.Writer) (*vmSetup, error) {
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		return nil, fmt.Errorf("qemu-system-x86_64 not found (apt-get install qemu-system-x86): %w", err)
+	}
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		return nil, fmt.Errorf("mkfs.ext4 not found (apt-get install e2fsprogs): %w", err)
+	}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	root, err := lab.RootDir(cwd)
+	if err != nil {
+		return nil, err
+	}
+	script := filepath.Join(root, "hack", "agent-image.sh")
+	agentDir := filepath.Join(root, agentImageDir)
+	start := time.Now()
+	if !fileExists(filepath.Join(agentDir, "vmlinuz")) || !fileExists(filepath.Join(agentDir, "initramfs.cpio.gz")) {
+		fmt.Fprintf(out, "    building the agent image into %s (make agent-image)...\n", agentImageDir)
+		if b, err := exec.Command(script, agentDir).CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("%s: %w: %s", script, err, bytes.TrimSpace(b))
+		}
+	}
+	kernel, err := exec.Command(script, "--kernel").Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s --kernel: %w", script, err)
+	}
+	version, tree, ok := strings.Cut(strings.TrimSpace(string(kernel)), " ")
+	if !ok {
+		return nil, fmt.Errorf("%s --kernel printed %q", script, kernel)
+	}
+	path, err := lab.VMImage(workDir, root, tree, version, "v1")
+	if err != nil {
+		return nil, err
+	}
+	image, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	_ = os.Remove(path)
+	fmt.Fprintf(out, "    qemu VMs: %s; OS image v1 = Debian kernel %s + test/qemuos as init (%.0f MiB), built in %.1fs\n",
+		qemu, version, float64(len(image))/(1<<20), time.Since(start).Seconds())
+	return &vmSetup{qemu: qemu, image: image}, nil
+}
