@@ -139,6 +139,9 @@ func runLab(ctx context.Context, opts labOptions) (err error) {
 			if err := r.waitClusterReady(ctx, opts.ControlPlanes, opts.Workers); err != nil {
 				return err
 			}
+			if err := r.checkVMs(ctx); err != nil {
+				return err
+			}
 			return r.checkNetworkBoots()
 		}); err != nil {
 		return err
@@ -310,7 +313,13 @@ func (r *labRun) startAnvil(ctx context.Context) (string, error) {
 	}
 	mgrCtx, stopMgr := context.WithCancel(ctx)
 	r.stops = append(r.stops, stopMgr)
-	boot, err := startManager(mgrCtx, r.env, dir, pn)
+	// How long a network-booted agent has to register before the attempt is retried: the
+	// emulated servers take milliseconds, a qemu VM under TCG a minute or two.
+	bootTimeout := time.Minute
+	if r.vm != nil {
+		bootTimeout = 6 * time.Minute
+	}
+	boot, err := startManager(mgrCtx, r.env, dir, pn, bootTimeout)
 	if err != nil {
 		return "", err
 	}

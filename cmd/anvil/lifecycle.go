@@ -67,6 +67,11 @@ func (r *labRun) createCluster(ctx context.Context) error {
 		"ANVIL_IMAGE_FORMAT":          string(image.Format),
 		"ANVIL_IMAGE_LAYOUT":          string(image.Layout),
 	}
+	if r.vm != nil {
+		// The VMs have 1 GiB: let control-plane machines (the first servers, zone by zone,
+		// where the VMs are) claim them; workers keep their 16 GiB minimum.
+		vars["ANVIL_CONTROL_PLANE_MIN_MEMORY_GIB"] = strconv.Itoa(vmMemoryMiB >> 10)
+	}
 	g, err := generateCluster(r.opts.Template, vars, r.env.Scheme)
 	if err != nil {
 		return err

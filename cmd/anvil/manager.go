@@ -26,7 +26,7 @@ import (
 // inside its namespace, and answer the servers there (the emulated ones dial from their own
 // namespaces, qemu VMs from their taps); without one, HTTP listens on loopback, DHCP is off and
 // the emulated firmware asks the HTTP boot endpoint directly. It runs until ctx ends.
-func startManager(ctx context.Context, env *mgmtplane.Environment, workDir string, pn *provisioningNet) (*bootservices.Services, error) {
+func startManager(ctx context.Context, env *mgmtplane.Environment, workDir string, pn *provisioningNet, bootTimeout time.Duration) (*bootservices.Services, error) {
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
 	if err != nil {
 		return nil, err
@@ -38,7 +38,7 @@ func startManager(ctx context.Context, env *mgmtplane.Environment, workDir strin
 	wake := make(chan event.TypedGenericEvent[*infrav1.AnvilHost], 256)
 	cfg := bootservices.Config{HTTPAddress: "127.0.0.1:0", ImageCacheDir: filepath.Join(workDir, "image-cache"),
 		ImageCacheBytes: 4 << 30, AllowLocalImages: true, ArtifactsDir: pn.artifacts, Log: logr.Discard(),
-		Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake), BootTimeout: time.Minute}}
+		Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake), BootTimeout: bootTimeout}}
 	var boot *bootservices.Services
 	if n := pn.network; n != nil {
 		boot, err = n.BootServices(cfg, pn.tftpDir)

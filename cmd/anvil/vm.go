@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/lab"
 )
 
@@ -73,4 +77,50 @@ func prepareVM(workDir string, out io.Writer) (*vmSetup, error) {
 	fmt.Fprintf(out, "    qemu VMs: %s; OS image v1 = Debian kernel %s + test/qemuos as init (%.0f MiB), built in %.1fs\n",
 		qemu, version, float64(len(image))/(1<<20), time.Since(start).Seconds())
 	return &vmSetup{qemu: qemu, image: image}, nil
+}
+
+// checkVMs says, for each qemu VM, whether a machine claimed it and, if so, that its host is
+// Provisioned, with the in-band inventory the agent reported, and that its Node is Ready. A
+// VM no machine claimed is only said to be spare.
+func (r *labRun) checkVMs(ctx context.Context) error {
+	if r.vm == nil {
+		return nil
+	}
+	nodes, err := r.workloads.Nodes(ctx, r.clusterKey())
+	if err != nil {
+		return err
+	}
+	for _, name := range r.rack.names {
+		if r.rack.vms[name] == nil {
+			continue
+		}
+		h, err := r.host(ctx, name)
+		if err != nil {
+			return err
+		}
+		if h.Spec.Claim == nil {
+			fmt.Fprintf(r.out, "    %s (qemu VM) is %s: no machine claimed it\n", name, h.Status.State)
+			continue
+		}
+		if h.Status.State != infrav1.HostStateProvisioned {
+			return fmt.Errorf("qemu VM %s is claimed but %s", name, hostWhy(*h))
+		}
+		ready := false
+		for _, n := range nodes {
+			if n.Name == name {
+				for _, c := range n.Status.Conditions {
+					ready = ready || (c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue)
+				}
+			}
+		}
+		if !ready {
+			return fmt.Errorf("qemu VM %s is Provisioned but its node is not Ready", name)
+		}
+		inv := "no in-band inventory"
+		if hw := h.Status.Hardware; hw != nil {
+			inv = fmt.Sprintf("in-band inventory: %d CPU cores, %s memory, %d disks, %d NICs", hw.CPU.Cores, hw.Memory, len(hw.Disks), len(hw.NICs))
+		}
+		fmt.Fprintf(r.out, "    %s (qemu VM) is Provisioned for machine %s, node %s Ready; %s\n", name, h.Spec.Claim.MachineRef.Name, name, inv)
+	}
+	return nil
 }

@@ -55,12 +55,12 @@ type VM struct {
 	OnPowerOn func(vm string, network bool)
 	Log       logr.Logger
 
-	mu      sync.Mutex
-	tap     string
-	cancel  context.CancelFunc // stops the running qemu
-	exited  chan struct{}      // closed when the running qemu has exited
-	boots   int // OS boots seen on the console so far
-	slot    infrav1.Slot
+	mu     sync.Mutex
+	tap    string
+	cancel context.CancelFunc // stops the running qemu
+	exited chan struct{}      // closed when the running qemu has exited
+	boots  int                // OS boots seen on the console so far
+	slot   infrav1.Slot
 }
 
 // Start plugs the VM's tap into the bridge and follows the machine's power until ctx ends.
