@@ -166,7 +166,7 @@ func TestLabVM(t *testing.T) {
 	for _, want := range []*regexp.Regexp{
 		regexp.MustCompile(`lab-server-1 \(qemu VM\) powered on: network boot once`),
 		regexp.MustCompile(`lab-server-1: OS up from slot A; config drive: provider-id anvil://anvil-demo/lab-server-1, user-data runs kubeadm init .*\[qemu VM`),
-		regexp.MustCompile(`lab-server-1 \(qemu VM\) is Provisioned for machine demo-control-plane-\S+, node lab-server-1 Ready; in-band inventory: [1-9]\d* CPU cores, \S+ memory, 1 disks`),
+		regexp.MustCompile(`lab-server-1 \(qemu VM\) is Provisioned for machine demo-control-plane-\S+, runs slot A, node lab-server-1 Ready; in-band inventory: [1-9]\d* CPU cores, \S+ memory, 1 disks`),
 	} {
 		if !want.MatchString(text) {
 			t.Errorf("lab output lacks %s", want)

@@ -105,6 +105,14 @@ func (r *labRun) checkVMs(ctx context.Context) error {
 		if h.Status.State != infrav1.HostStateProvisioned {
 			return fmt.Errorf("qemu VM %s is claimed but %s", name, hostWhy(*h))
 		}
+		// The host is Provisioned once the agent reported and rebooted; the VM then still has
+		// to get through SeaBIOS, GRUB and its kernel under TCG.
+		vm := r.rack.vms[name]
+		if err := r.eventually(ctx, 6*time.Minute, func() (bool, string, error) {
+			return vm.RunningSlot() != "", "waiting for qemu VM " + name + "'s OS to print its boot line on the serial console", nil
+		}); err != nil {
+			return err
+		}
 		ready := false
 		for _, n := range nodes {
 			if n.Name == name {
@@ -120,7 +128,8 @@ func (r *labRun) checkVMs(ctx context.Context) error {
 		if hw := h.Status.Hardware; hw != nil {
 			inv = fmt.Sprintf("in-band inventory: %d CPU cores, %s memory, %d disks, %d NICs", hw.CPU.Cores, hw.Memory, len(hw.Disks), len(hw.NICs))
 		}
-		fmt.Fprintf(r.out, "    %s (qemu VM) is Provisioned for machine %s, node %s Ready; %s\n", name, h.Spec.Claim.MachineRef.Name, name, inv)
+		fmt.Fprintf(r.out, "    %s (qemu VM) is Provisioned for machine %s, runs slot %s, node %s Ready; %s\n",
+			name, h.Spec.Claim.MachineRef.Name, vm.RunningSlot(), name, inv)
 	}
 	return nil
 }
