@@ -53,11 +53,11 @@ func prepareVM(workDir string, out io.Writer) (*vmSetup, error) {
 	start := time.Now()
 	if !fileExists(filepath.Join(agentDir, "vmlinuz")) || !fileExists(filepath.Join(agentDir, "initramfs.cpio.gz")) {
 		fmt.Fprintf(out, "    building the agent image into %s (make agent-image)...\n", agentImageDir)
-		if b, err := exec.Command(script, agentDir).CombinedOutput(); err != nil {
+		if b, err := exec.Command(script, agentDir).CombinedOutput(); err != nil { //nolint:gosec // the repository's own script
 			return nil, fmt.Errorf("%s: %w: %s", script, err, bytes.TrimSpace(b))
 		}
 	}
-	kernel, err := exec.Command(script, "--kernel").Output()
+	kernel, err := exec.Command(script, "--kernel").Output() //nolint:gosec // the repository's own script
 	if err != nil {
 		return nil, fmt.Errorf("%s --kernel: %w", script, err)
 	}

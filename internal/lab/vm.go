@@ -223,7 +223,7 @@ func VMImage(dir, repoRoot, kernelTree, kernelVersion, version string) (string, 
 	}
 	defer func() { _ = os.RemoveAll(work) }()
 	bin := filepath.Join(work, "init")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./test/qemuos")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./test/qemuos") //nolint:gosec // a path in our temporary directory
 	build.Dir = repoRoot
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
@@ -253,7 +253,7 @@ func VMImage(dir, repoRoot, kernelTree, kernelVersion, version string) (string, 
 		return "", err
 	}
 	root := filepath.Join(work, "root")
-	if err := os.MkdirAll(filepath.Join(root, "boot"), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(root, "boot"), 0o750); err != nil {
 		return "", err
 	}
 	if err := os.WriteFile(filepath.Join(root, "boot", "vmlinuz"), kernel, 0o644); err != nil { //nolint:gosec // an OS image
@@ -263,6 +263,7 @@ func VMImage(dir, repoRoot, kernelTree, kernelVersion, version string) (string, 
 		return "", err
 	}
 	img := filepath.Join(dir, "vm-os-"+version+".ext4")
+	//nolint:gosec // fixed tool; the label and paths are the lab's own
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-L", "lab-"+version, "-d", root, img, "48M").CombinedOutput(); err != nil {
 		return "", fmt.Errorf("mkfs.ext4: %w: %s", err, bytes.TrimSpace(out))
 	}
