@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -35,8 +36,10 @@ type labOptions struct {
 	// Keep leaves everything running after the cluster is up and the faults are handled,
 	// and prints a kubeconfig; the lab then ends on an interrupt.
 	Keep bool
-	// VM makes one server a qemu VM (not available yet: see validate).
-	VM bool
+	// VM makes VMs of the servers (the first ones) qemu VMs booting the real agent (see
+	// lab.VM); they need the provisioning network.
+	VM  bool
+	VMs int
 	// Live redraws the host and machine tables in place (a terminal); otherwise each change
 	// is printed as a line.
 	Live bool
@@ -62,8 +65,8 @@ func (o labOptions) validate() error {
 			"(one spare replaces the failed worker, one is retired)", o.Servers, o.ControlPlanes, o.Workers, o.ControlPlanes+o.Workers+2)
 	case o.Servers > lab.MaxServers:
 		return fmt.Errorf("--servers=%d: the lab's provisioning network holds at most %d servers", o.Servers, lab.MaxServers)
-	case o.VM:
-		return fmt.Errorf("--vm: booting a qemu VM needs the agent kernel and initramfs, which this build does not produce yet")
+	case o.VM && (o.VMs < 1 || o.VMs > 2):
+		return fmt.Errorf("--vms=%d: the lab runs 1 or 2 qemu VMs (each takes 1 GiB and a core's worth of TCG)", o.VMs)
 	}
 	return nil
 }
@@ -79,6 +82,8 @@ type labRun struct {
 	cluster   *generatedCluster
 	images    *imageServer
 	workDir   string
+	// vm is what the qemu VMs need (nil without --vm).
+	vm *vmSetup
 	// net is what the servers network-boot from (its network is nil where namespaces can't
 	// be made), boot the boot services, netboots what the firmware did on the network.
 	net      *provisioningNet
@@ -132,6 +137,9 @@ func runLab(ctx context.Context, opts labOptions) (err error) {
 	if err := st.run("provision: each machine claims a host, PXE-boots the agent, installs the image into slot A, reboots; kubeadm joins the node",
 		func() error {
 			if err := r.waitClusterReady(ctx, opts.ControlPlanes, opts.Workers); err != nil {
+				return err
+			}
+			if err := r.checkVMs(ctx); err != nil {
 				return err
 			}
 			return r.checkNetworkBoots()
@@ -288,15 +296,30 @@ func (r *labRun) startAnvil(ctx context.Context) (string, error) {
 	}
 	r.workDir = dir
 	r.stops = append(r.stops, func() { removeWorkDir(dir, false) })
+	if r.opts.VM {
+		// Before the boot services copy their artifacts: the VMs boot the real agent.
+		if r.vm, err = prepareVM(dir, r.out); err != nil {
+			return "", fmt.Errorf("--vm: %w", err)
+		}
+	}
 	pn, err := newProvisioningNet(dir, r.out, lab.NewNetwork)
 	if err != nil {
 		return "", err
 	}
 	r.net = pn
 	r.stops = append(r.stops, pn.close)
+	if r.opts.VM && pn.network == nil {
+		return "", errors.New("--vm: qemu VMs boot over the lab's provisioning network, which needs root (network namespaces)")
+	}
 	mgrCtx, stopMgr := context.WithCancel(ctx)
 	r.stops = append(r.stops, stopMgr)
-	boot, err := startManager(mgrCtx, r.env, dir, pn)
+	// How long a network-booted agent has to register before the attempt is retried: the
+	// emulated servers take milliseconds, a qemu VM under TCG a minute or two.
+	bootTimeout := time.Minute
+	if r.vm != nil {
+		bootTimeout = 6 * time.Minute
+	}
+	boot, err := startManager(mgrCtx, r.env, dir, pn, bootTimeout)
 	if err != nil {
 		return "", err
 	}
@@ -305,7 +328,18 @@ func (r *labRun) startAnvil(ctx context.Context) (string, error) {
 }
 
 func (r *labRun) rackServers(ctx context.Context, bootURL string) error {
-	rk, err := newRack(ctx, r.env.Client, labNamespace, r.opts.Servers, r.workDir, bootURL, r.net.network, func(nb lab.NetworkBoot) {
+	vms := 0
+	if r.vm != nil {
+		vms = r.opts.VMs
+		r.vm.onPowerOn = func(vm string, network bool) {
+			if network {
+				fmt.Fprintf(r.out, "    %s (qemu VM) powered on: network boot once (SeaBIOS, iPXE ROM, DHCP from 10.77.0.1, the agent's kernel and initramfs over HTTP), console %s-console.log\n", vm, vm)
+			} else {
+				fmt.Fprintf(r.out, "    %s (qemu VM) powered on: boots its disk (GRUB)\n", vm)
+			}
+		}
+	}
+	rk, err := newRack(ctx, r.env.Client, labNamespace, r.opts.Servers, r.workDir, bootURL, r.net.network, r.vm, vms, func(nb lab.NetworkBoot) {
 		r.netboots.add(nb)
 		fmt.Fprintf(r.out, "    %s network boot (%s): %s\n", nb.Server, nb.Mode, nb)
 	})
@@ -323,8 +357,12 @@ func (r *labRun) rackServers(ctx context.Context, bootURL string) error {
 		case strings.Contains(string(o.UserData), "kubeadm join"):
 			kind = "kubeadm join"
 		}
-		fmt.Fprintf(r.out, "    %s: OS up from slot %s; config drive: provider-id %s, user-data runs %s (%d bytes)\n",
-			o.Server, o.Slot, o.ProviderID(), kind, len(o.UserData))
+		vm := ""
+		if rk.vms[o.Server] != nil {
+			vm = " [qemu VM: its OS printed its boot line on the serial console; it cannot run kubeadm, so the lab plays its kubelet]"
+		}
+		fmt.Fprintf(r.out, "    %s: OS up from slot %s; config drive: provider-id %s, user-data runs %s (%d bytes)%s\n",
+			o.Server, o.Slot, o.ProviderID(), kind, len(o.UserData), vm)
 	})
 	return nil
 }

@@ -33,7 +33,8 @@ func main() {
 	fs.IntVar(&opts.ControlPlanes, "control-planes", opts.ControlPlanes, "control-plane machines of the demo cluster (1, 3 or 5)")
 	fs.IntVar(&opts.Workers, "workers", opts.Workers, "worker machines of the demo cluster (at least 1: one is scaled down, one fails)")
 	fs.BoolVar(&opts.Keep, "keep", false, "leave the lab running at the end and print a kubeconfig for kubectl")
-	fs.BoolVar(&opts.VM, "vm", false, "make one server a qemu VM that PXE-boots the agent kernel and initramfs")
+	fs.BoolVar(&opts.VM, "vm", false, "make servers qemu VMs that PXE-boot the real agent (make agent-image), install a bootable image and boot it (needs root and qemu)")
+	fs.IntVar(&opts.VMs, "vms", 1, "with --vm: how many servers are qemu VMs (1 or 2)")
 	logFile := fs.String("log-file", "", "write the controllers' logs (Anvil's and Cluster API's) to this file")
 	_ = fs.Parse(os.Args[2:])
 	opts.Out = os.Stdout

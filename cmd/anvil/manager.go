@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"path/filepath"
 	"time"
 
@@ -15,7 +14,6 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
-	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
@@ -23,12 +21,12 @@ import (
 )
 
 // startManager runs Anvil's controllers (hosts, machines, clusters, remediation) with the
-// real provisioning backend: boot services and the agent, as in production. The HTTP
-// endpoints listen on loopback (the agent runs in this process); with a provisioning network,
-// DHCP (reservation mode) and TFTP listen on its bridge, inside its namespace, and answer the
-// emulated firmware there; without one, DHCP is off and the firmware asks the HTTP boot
-// endpoint directly. It runs until ctx ends.
-func startManager(ctx context.Context, env *mgmtplane.Environment, workDir string, pn *provisioningNet) (*bootservices.Services, error) {
+// real provisioning backend: boot services and the agent, as in production. With a
+// provisioning network, HTTP, DHCP (reservation mode) and TFTP all listen on its bridge,
+// inside its namespace, and answer the servers there (the emulated ones dial from their own
+// namespaces, qemu VMs from their taps); without one, HTTP listens on loopback, DHCP is off and
+// the emulated firmware asks the HTTP boot endpoint directly. It runs until ctx ends.
+func startManager(ctx context.Context, env *mgmtplane.Environment, workDir string, pn *provisioningNet, bootTimeout time.Duration) (*bootservices.Services, error) {
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
 	if err != nil {
 		return nil, err
@@ -40,21 +38,15 @@ func startManager(ctx context.Context, env *mgmtplane.Environment, workDir strin
 	wake := make(chan event.TypedGenericEvent[*infrav1.AnvilHost], 256)
 	cfg := bootservices.Config{HTTPAddress: "127.0.0.1:0", ImageCacheDir: filepath.Join(workDir, "image-cache"),
 		ImageCacheBytes: 4 << 30, AllowLocalImages: true, ArtifactsDir: pn.artifacts, Log: logr.Discard(),
-		Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake), BootTimeout: time.Minute}}
+		Backend: provision.Options{Secrets: mgr.GetClient(), Notify: controllers.WakeFunc(wake), BootTimeout: bootTimeout}}
+	var boot *bootservices.Services
 	if n := pn.network; n != nil {
-		cfg.DHCPMode, cfg.DHCPInterface, cfg.ServerIP = dhcp.ModeReservation, n.Bridge, n.ServerIP
-		// Transfers must stay in the network's namespace: serve them all from port 69's socket.
-		cfg.TFTPDir, cfg.TFTPSinglePort = pn.tftpDir, true
+		boot, err = n.BootServices(cfg, pn.tftpDir)
+	} else {
+		boot, err = bootservices.New(cfg)
 	}
-	boot, err := bootservices.New(cfg)
 	if err != nil {
 		return nil, err
-	}
-	if n := pn.network; n != nil {
-		// Sockets belong to the namespace of the thread that opens them.
-		if err := n.Switch.Do(boot.Listen); err != nil {
-			return nil, fmt.Errorf("boot services on the provisioning network: %w", err)
-		}
 	}
 	if err := mgr.Add(boot); err != nil {
 		return nil, err

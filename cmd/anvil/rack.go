@@ -42,6 +42,8 @@ type rack struct {
 	redfish *redfish.Server
 	names   []string
 	servers map[string]*lab.Server
+	// vms are the servers that are qemu VMs (the first ones, with --vm).
+	vms     map[string]*lab.VM
 	bmcKind map[string]string
 	stops   []func()
 
@@ -67,12 +69,12 @@ func serverSpec(i int, ipmiAvailable bool) (mockup redfish.Mockup, sockets, memG
 // server is plugged into it, its host gets a reserved address there (spec.bootNetwork), and
 // netBoot hears of each of its network boots.
 func newRack(ctx context.Context, c client.Client, ns string, n int, workDir, bootURL string,
-	network *lab.Network, netBoot func(lab.NetworkBoot)) (*rack, error) {
+	network *lab.Network, vm *vmSetup, vms int, netBoot func(lab.NetworkBoot)) (*rack, error) {
 	server, err := redfish.NewServer(redfish.ServerOptions{TLS: true})
 	if err != nil {
 		return nil, err
 	}
-	r := &rack{redfish: server, servers: map[string]*lab.Server{}, bmcKind: map[string]string{}, faults: map[string]fault{},
+	r := &rack{redfish: server, servers: map[string]*lab.Server{}, vms: map[string]*lab.VM{}, bmcKind: map[string]string{}, faults: map[string]fault{},
 		network: network, netBoot: netBoot}
 	r.stops = append(r.stops, func() { _ = server.Close() })
 	if err := c.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "lab-bmc-ca", Namespace: ns},
@@ -83,7 +85,11 @@ func newRack(ctx context.Context, c client.Client, ns string, n int, workDir, bo
 	_, ipmiErr := exec.LookPath("ipmi_sim")
 	ipmiAvailable := ipmiErr == nil
 	for i := range n {
-		if err := r.add(ctx, c, ns, i, workDir, bootURL, ipmiAvailable); err != nil {
+		var qemu *vmSetup
+		if i < vms {
+			qemu = vm
+		}
+		if err := r.add(ctx, c, ns, i, workDir, bootURL, ipmiAvailable, qemu); err != nil {
 			r.close()
 			return nil, fmt.Errorf("racking server %d: %w", i+1, err)
 		}
@@ -91,9 +97,14 @@ func newRack(ctx context.Context, c client.Client, ns string, n int, workDir, bo
 	return r, nil
 }
 
-func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workDir, bootURL string, ipmiAvailable bool) error {
+func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workDir, bootURL string, ipmiAvailable bool, vm *vmSetup) error {
 	name := fmt.Sprintf("lab-server-%d", i+1)
 	mockup, sockets, memGiB, zone, useIPMI := serverSpec(i, ipmiAvailable)
+	if vm != nil {
+		// A VM's BMC is Redfish and says what the VM has: the smallest server, so that
+		// placement (best fit) claims it first.
+		sockets, memGiB, useIPMI = 1, vmMemoryMiB>>10, false
+	}
 	m := machine.New(machine.Config{})
 	password := fmt.Sprintf("lab-pw-%d", i+1)
 	var address string
@@ -120,29 +131,27 @@ func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workD
 	if err := lab.NewDisk(diskPath, 20<<30); err != nil {
 		return err
 	}
-	cores := int32(8 * sockets) //nolint:gosec // 1 or 2 sockets
-	srv := &lab.Server{Name: name, MAC: mac, Machine: m, DiskPath: diskPath, BootURL: bootURL, Log: logr.Discard(),
-		Inventory: &infrav1.HardwareInventory{
-			CPU:       infrav1.CPUInfo{Arch: "amd64", Sockets: int32(sockets), Cores: cores, Threads: 2 * cores}, //nolint:gosec // 1 or 2 sockets
-			NUMANodes: numaNodes(sockets), Memory: resource.NewQuantity(int64(memGiB)<<30, resource.BinarySI),
-			System: infrav1.SystemInfo{Manufacturer: "Anvil Lab", SerialNumber: fmt.Sprintf("LAB-%04d", i+1)}},
-		OSBooted: r.osBooted,
-	}
 	var bootNet *infrav1.BootNetwork
 	if r.network != nil {
 		addr, err := r.network.HostAddr(i)
 		if err != nil {
 			return err
 		}
-		if srv.Net, err = r.network.Plug(mac); err != nil {
-			return err
-		}
-		srv.OnNetworkBoot = r.netBoot
 		bootNet = &infrav1.BootNetwork{Address: addr.String()}
 	}
-	srv.Start(ctx)
+	if vm != nil {
+		v := &lab.VM{Name: name, MAC: mac, Machine: m, DiskPath: diskPath, Network: r.network, QEMU: vm.qemu,
+			Console: filepath.Join(workDir, name+"-console.log"), MemoryMiB: vmMemoryMiB, OSBooted: r.osBooted, Log: logr.Discard(),
+			OnPowerOn: vm.onPowerOn}
+		if err := v.Start(ctx); err != nil {
+			return err
+		}
+		r.vms[name] = v
+		r.bmcKind[name] += " vm"
+	} else if err := r.addEmulated(ctx, name, mac, m, diskPath, bootURL, sockets, memGiB, i); err != nil {
+		return err
+	}
 	r.names = append(r.names, name)
-	r.servers[name] = srv
 	if err := c.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name + "-bmc", Namespace: ns},
 		Data: map[string][]byte{"username": []byte("admin"), "password": []byte(password)}}); err != nil {
 		return err
@@ -154,6 +163,28 @@ func (r *rack) add(ctx context.Context, c client.Client, ns string, i int, workD
 			BootMACAddress: mac,
 			BootNetwork:    bootNet,
 		}})
+}
+
+// addEmulated starts an emulated server (lab.Server) for the i-th server.
+func (r *rack) addEmulated(ctx context.Context, name, mac string, m *machine.Machine, diskPath, bootURL string, sockets, memGiB, i int) error {
+	cores := int32(8 * sockets) //nolint:gosec // 1 or 2 sockets
+	srv := &lab.Server{Name: name, MAC: mac, Machine: m, DiskPath: diskPath, BootURL: bootURL, Log: logr.Discard(),
+		Inventory: &infrav1.HardwareInventory{
+			CPU:       infrav1.CPUInfo{Arch: "amd64", Sockets: int32(sockets), Cores: cores, Threads: 2 * cores}, //nolint:gosec // 1 or 2 sockets
+			NUMANodes: numaNodes(sockets), Memory: resource.NewQuantity(int64(memGiB)<<30, resource.BinarySI),
+			System: infrav1.SystemInfo{Manufacturer: "Anvil Lab", SerialNumber: fmt.Sprintf("LAB-%04d", i+1)}},
+		OSBooted: r.osBooted,
+	}
+	if r.network != nil {
+		var err error
+		if srv.Net, err = r.network.Plug(mac); err != nil {
+			return err
+		}
+		srv.OnNetworkBoot = r.netBoot
+	}
+	srv.Start(ctx)
+	r.servers[name] = srv
+	return nil
 }
 
 func numaNodes(sockets int) []infrav1.NUMANode {
@@ -199,9 +230,13 @@ func (r *rack) setFault(server string, f fault) {
 func (r *rack) describe() string {
 	counts := map[string]int{}
 	for _, k := range r.bmcKind {
-		counts[k]++
+		kind, _, _ := strings.Cut(k, " ")
+		counts[kind]++
 	}
 	parts := []string{fmt.Sprintf("%d Redfish over TLS", counts["redfish"])}
+	if len(r.vms) > 0 {
+		parts[0] += fmt.Sprintf(" (%d of them for qemu VMs)", len(r.vms))
+	}
 	if counts["ipmi"] > 0 {
 		parts = append(parts, fmt.Sprintf("%d IPMI through ipmi_sim", counts["ipmi"]))
 	} else {

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -192,7 +193,7 @@ func Install(ctx context.Context, src ImageSource, target string, opts InstallOp
 	// Open the stream and look at its first bytes before touching the disk.
 	client := src.Client
 	if client == nil {
-		client = defaultClient()
+		client = ImageClient(nil)
 		// Its kept-alive connection (and the goroutines serving it) would outlive the
 		// install otherwise.
 		defer client.CloseIdleConnections()
@@ -500,11 +501,15 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// defaultClient has no overall timeout (an image download takes minutes) but bounds the
-// connection set-up and the wait for response headers, so a dead server fails fast and the
-// resume logic takes over.
-func defaultClient() *http.Client {
+// ImageClient is the client images are downloaded with unless ImageSource names one: no
+// overall timeout (an image download takes minutes) but bounded connection set-up and wait
+// for response headers, so a dead server fails fast and the resume logic takes over. dial
+// opens its connections (nil: the default dialer; the lab dials from a server's namespace).
+func ImageClient(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Client {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if dial != nil {
+		tr.DialContext = dial
+	}
 	tr.ResponseHeaderTimeout = 30 * time.Second
 	tr.DisableCompression = true
 	return &http.Client{Transport: tr}

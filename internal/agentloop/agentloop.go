@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"time"
 
@@ -43,13 +44,21 @@ type Config struct {
 	// and grub.cfg's kernel arguments and console.
 	Layout disk.LayoutOptions
 	Client agentapi.ClientOptions
-	Log    logr.Logger
+	// Dial, when set, opens every connection the agent makes (API calls, image downloads)
+	// unless Client names its own HTTPClient; nil means the default dialer. The lab's
+	// emulated servers dial from their own network namespace with it.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	Log  logr.Logger
 }
 
 // Run registers and works until a reboot or power-off task ends it, or ctx ends.
 func Run(ctx context.Context, cfg Config) error {
 	log := cfg.Log
-	client, err := agentapi.NewClient(cfg.Params.APIURL, cfg.Params.Token, cfg.Client)
+	opts := cfg.Client
+	if opts.DialContext == nil {
+		opts.DialContext = cfg.Dial
+	}
+	client, err := agentapi.NewClient(cfg.Params.APIURL, cfg.Params.Token, opts)
 	if err != nil {
 		return err
 	}
@@ -132,6 +141,9 @@ func install(ctx context.Context, cfg Config, client *agentapi.Client, task agen
 		cd.NetworkConfig = []byte(task.ConfigDrive.NetworkConfig)
 	}
 	src := agent.ImageSource{URL: task.Image.URL, Checksum: task.Image.Checksum, Format: task.Image.Format, Layout: task.Image.Layout}
+	if cfg.Dial != nil {
+		src.Client = agent.ImageClient(cfg.Dial)
+	}
 	lastPercent := int32(-10)
 	res, err := agent.Install(ctx, src, cfg.Disk, agent.InstallOptions{Hints: task.RootDeviceHints, Roots: cfg.Roots, ConfigDrive: cd, Layout: cfg.Layout,
 		Progress: func(p agent.Progress) {

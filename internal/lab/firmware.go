@@ -256,8 +256,7 @@ func (s *Server) get(ctx context.Context, url string) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	client := &http.Client{Timeout: 5 * time.Minute}
-	resp, err := client.Do(req)
+	resp, err := s.httpClient(5 * time.Minute).Do(req)
 	if err != nil {
 		return nil, err
 	}

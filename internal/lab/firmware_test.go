@@ -17,7 +17,6 @@ import (
 
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
-	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/httpboot"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/netns"
@@ -58,12 +57,13 @@ func newNetbootLab(t *testing.T) *netbootLab {
 		}
 		must(t, os.WriteFile(filepath.Join(tftpDir, name), content, 0o600))
 	}
-	// HTTP on loopback (New binds it here), DHCP and TFTP in the network's namespace.
-	l.svc, err = bootservices.New(bootservices.Config{HTTPAddress: "127.0.0.1:0", ArtifactsDir: artifacts,
-		ImageCacheDir: t.TempDir(), ImageCacheBytes: 1 << 30, DHCPMode: dhcp.ModeReservation, DHCPInterface: n.Bridge,
-		ServerIP: n.ServerIP, TFTPDir: tftpDir, TFTPSinglePort: true, Log: logr.Discard()})
+	// HTTP, DHCP and TFTP all in the network's namespace, on the bridge.
+	l.svc, err = n.BootServices(bootservices.Config{ArtifactsDir: artifacts,
+		ImageCacheDir: t.TempDir(), ImageCacheBytes: 1 << 30, Log: logr.Discard()}, tftpDir)
 	must(t, err)
-	must(t, n.Switch.Do(l.svc.Listen))
+	if want := "http://" + n.ServerIP.String() + ":"; !strings.HasPrefix(l.svc.PublicURL(), want) {
+		t.Fatalf("PublicURL %s, want it on the bridge (%s...)", l.svc.PublicURL(), want)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- l.svc.Start(ctx) }()

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/boot/dhcp"
+	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bootservices"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/netns"
 )
 
@@ -96,6 +98,31 @@ func (n *Network) Plug(mac string) (*netns.Host, error) {
 	n.hosts = append(n.hosts, h)
 	n.mu.Unlock()
 	return h, nil
+}
+
+// BootServices makes the boot services for this network with cfg's other settings: their HTTP
+// endpoints (scripts, artifacts, agent API, image cache) listen on ServerIP at a port the
+// kernel picks, and PublicURL points there, so that servers on the bridge (qemu VMs among
+// them) reach them; DHCP (reservation mode) and TFTP (single port) listen on the bridge.
+// Every socket is opened inside Switch, where it stays; the lab's in-process servers reach
+// them by dialing from their own namespaces (Server.Net). tftpDir holds the iPXE binaries.
+func (n *Network) BootServices(cfg bootservices.Config, tftpDir string) (*bootservices.Services, error) {
+	cfg.HTTPAddress, cfg.PublicURL = netip.AddrPortFrom(n.ServerIP, 0).String(), ""
+	cfg.DHCPMode, cfg.DHCPInterface, cfg.ServerIP = dhcp.ModeReservation, n.Bridge, n.ServerIP
+	// Transfers must stay in the network's namespace: serve them all from port 69's socket.
+	cfg.TFTPDir, cfg.TFTPSinglePort = tftpDir, true
+	var boot *bootservices.Services
+	err := n.Switch.Do(func() (err error) {
+		// Sockets belong to the namespace of the thread that opens them: New binds HTTP.
+		if boot, err = bootservices.New(cfg); err != nil {
+			return err
+		}
+		return boot.Listen()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("boot services on the provisioning network: %w", err)
+	}
+	return boot, nil
 }
 
 // Close deletes every namespace of the network (their links go with them).

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"regexp"
@@ -166,6 +167,31 @@ func (s *Server) fetchScript(ctx context.Context) (agentapi.BootParams, bool) {
 	return params, true
 }
 
+// dial is how the server's firmware, agent and OS open connections: from its own namespace on
+// the provisioning network (where the boot services' HTTP listens), or, without one, from the
+// lab's (nil: the default dialer, the boot services on loopback).
+func (s *Server) dial() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if s.Net == nil {
+		return nil
+	}
+	return s.Net.DialContext
+}
+
+// httpClient is a client that dials as the server does (see dial), with the given timeout.
+func (s *Server) httpClient(timeout time.Duration) *http.Client {
+	return dialingClient(s.dial(), timeout)
+}
+
+// dialingClient is an HTTP client whose connections dial opens (nil: the default dialer).
+func dialingClient(dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration) *http.Client {
+	if dial == nil {
+		return &http.Client{Timeout: timeout}
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy, tr.DialContext = nil, dial
+	return &http.Client{Transport: tr, Timeout: timeout}
+}
+
 func (s *Server) runAgent(ctx context.Context, params agentapi.BootParams) {
 	restart := func(t machine.ResetType) func(context.Context) error {
 		// The agent's reboot must not wait for its own subscriber callback: reset from a
@@ -177,7 +203,7 @@ func (s *Server) runAgent(ctx context.Context, params agentapi.BootParams) {
 	}
 	err := agentloop.Run(ctx, agentloop.Config{Params: params, Disk: s.DiskPath, Log: s.Log.WithName("agent"),
 		Inventory: func() (*infrav1.HardwareInventory, error) { return s.Inventory.DeepCopy(), nil },
-		Reboot:    restart(machine.ResetForceRestart), PowerOff: restart(machine.ResetForceOff),
+		Reboot:    restart(machine.ResetForceRestart), PowerOff: restart(machine.ResetForceOff), Dial: s.dial(),
 		// The gate's files (and its boot-report URL and token) go on the config drive; the
 		// emulated OS does what they do (see bootDisk). User-data stays as CABPK wrote it.
 		HealthGate: &disk.HealthGate{NoUserDataHook: true},
@@ -253,6 +279,12 @@ func (s *Server) bootDisk(ctx context.Context) {
 // reportBoot posts the boot report the health gate sends, with the URL and token the agent
 // put into anvil/anvil.env.
 func (s *Server) reportBoot(ctx context.Context, gateEnv []byte, slot infrav1.Slot, good bool, failed string) {
+	s.reportVia(ctx, s.dial(), gateEnv, slot, good, failed)
+}
+
+// reportVia posts the boot report with connections dial opens.
+func (s *Server) reportVia(ctx context.Context, dial func(ctx context.Context, network, addr string) (net.Conn, error),
+	gateEnv []byte, slot infrav1.Slot, good bool, failed string) {
 	vars := map[string]string{}
 	for _, line := range strings.Split(string(gateEnv), "\n") {
 		if k, v, ok := strings.Cut(line, "="); ok {
@@ -270,7 +302,7 @@ func (s *Server) reportBoot(ctx context.Context, gateEnv []byte, slot infrav1.Sl
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := dialingClient(dial, time.Minute).Do(req)
 	if err != nil {
 		s.Log.Info("boot report failed", "error", err.Error())
 		return

@@ -190,6 +190,20 @@ func (n *Namespace) Do(fn func() error) error {
 	return <-errc
 }
 
+// DialContext opens a connection from inside the namespace (as net.Dialer.DialContext does):
+// the socket is made on a thread that has entered it, so it keeps the namespace's addresses
+// and routes for its whole life. It lets an in-process client (the lab's emulated firmware and
+// agent) speak from a server's own network.
+func (n *Namespace) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var conn net.Conn
+	err := n.Do(func() (err error) {
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return conn, err
+}
+
 // Host is a namespace with one Ethernet interface on a test network.
 type Host struct {
 	*Namespace

@@ -101,3 +101,44 @@ func TestCleanupDeletesNamespaces(t *testing.T) {
 		t.Fatalf("namespace %s still exists after its test: %v", name, err)
 	}
 }
+
+// A connection DialContext opens leaves from the namespace: it reaches a listener on the
+// pair's other side, which the process's own namespace cannot reach.
+func TestDialContextLeavesFromTheNamespace(t *testing.T) {
+	t.Parallel()
+	a, b := netns.NewPair(t,
+		netns.HostConfig{Addr: netip.MustParsePrefix("198.18.9.1/24")},
+		netns.HostConfig{Addr: netip.MustParsePrefix("198.18.9.2/24")})
+	var l net.Listener
+	if err := a.Do(func() (err error) {
+		l, err = net.Listen("tcp4", "198.18.9.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan string, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			accepted <- err.Error()
+			return
+		}
+		accepted <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+		_ = c.Close()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if c, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp4", l.Addr().String()); err == nil {
+		_ = c.Close()
+		t.Fatalf("the process's own namespace reached %s", l.Addr())
+	}
+	c, err := b.DialContext(ctx, "tcp4", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := <-accepted; got != "198.18.9.2" {
+		t.Fatalf("accepted from %s, want 198.18.9.2", got)
+	}
+}

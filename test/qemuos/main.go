@@ -7,6 +7,9 @@
 //	marked-good slot=S env=...            after marking its slot good in GRUB's environment
 //	done                                  then it powers the machine off
 //
+// A "stay" image (the lab's VM image) behaves as a good one but keeps running after "done",
+// printing "running", until the machine is powered off.
+//
 // A "broken" image (/etc/qemuos says behaviour=broken) reboots right after the boot line,
 // the way a slot whose OS never becomes healthy does, so GRUB spends its tries.
 //
@@ -33,7 +36,7 @@ import (
 // Marker starts every line this init prints.
 const Marker = "ANVIL-QEMUOS"
 
-// ConfigFile holds "version=V behaviour=good|broken".
+// ConfigFile holds "version=V behaviour=good|broken|stay".
 const ConfigFile = "/etc/qemuos"
 
 func main() {
@@ -42,6 +45,14 @@ func main() {
 	}
 	say("done")
 	unix.Sync()
+	if raw, err := os.ReadFile(ConfigFile); err == nil && strings.Contains(string(raw), "behaviour=stay") {
+		// The lab's VM image: the machine keeps running, as a server's OS does, until its
+		// BMC powers it off.
+		say("running")
+		for {
+			time.Sleep(time.Hour)
+		}
+	}
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
 	for {
 		time.Sleep(time.Hour)

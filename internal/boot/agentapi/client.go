@@ -33,6 +33,9 @@ type ClientOptions struct {
 	// CAFingerprint, when set (sha256:<hex>, the anvil.ca kernel parameter), pins the server's
 	// certificate or CA. Ignored when HTTPClient is given.
 	CAFingerprint string
+	// DialContext opens the connections (ignored when HTTPClient is given); nil means a
+	// net.Dialer. The lab dials from an emulated server's own network namespace with it.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// MaxAttempts per call, counting the first; default 10. Calls also stop when ctx ends.
 	MaxAttempts int
 	// InitialBackoff and MaxBackoff bound the exponential back-off between attempts
@@ -96,9 +99,13 @@ func NewClient(baseURL, tok string, o ClientOptions) (*Client, error) {
 	}
 	hc := o.HTTPClient
 	if hc == nil {
+		dial := o.DialContext
+		if dial == nil {
+			dial = (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+		}
 		tr := &http.Transport{
 			Proxy:                 nil, // the agent talks to the boot services directly
-			DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			DialContext:           dial,
 			TLSHandshakeTimeout:   10 * time.Second,
 			ResponseHeaderTimeout: 60 * time.Second,
 			IdleConnTimeout:       90 * time.Second,
