@@ -127,7 +127,7 @@ func runLab(ctx context.Context, opts labOptions) (err error) {
 		return err
 	}
 	go con.follow(ctx, r.env.Client, labNamespace, r.workloads, client.ObjectKey{Namespace: labNamespace, Name: labClusterName}, r.rack.bmcKind)
-	if err := st.run("onboard: check every BMC, power on, inspect out of band, label by hardware", func() error { return r.onboard(ctx) }); err != nil {
+	if err := st.run("onboard: check every BMC, power on, inspect (Redfish out of band, IPMI by booting the agent), label by hardware", func() error { return r.onboard(ctx) }); err != nil {
 		return err
 	}
 	if err := st.run(fmt.Sprintf("generate the cluster from %s with clusterctl's template processor (%d control plane, %d workers) and apply it",
