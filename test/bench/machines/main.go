@@ -51,10 +51,15 @@ func main() {
 	fs.IntVar(&cfg.CreateWorkers, "create-workers", cfg.CreateWorkers, "Parallel creators.")
 	fs.DurationVar(&cfg.Timeout, "timeout", cfg.Timeout, "Give up after this long.")
 	fs.StringVar(&cfg.Dir, "dir", "", "Keep the manager's binary, log and kubeconfig here.")
+	fs.DurationVar(&cfg.APIServerProfile, "apiserver-profile", 0, "Record a kube-apiserver CPU profile this long at the start of each phase into -dir (e.g. 30s).")
 	_ = fs.Parse(os.Args[1:])
 	cfg.Machines = cfg.Hosts
 	if *machines > 0 {
 		cfg.Machines = *machines
+	}
+	if cfg.APIServerProfile > 0 && cfg.Dir == "" {
+		fmt.Fprintln(os.Stderr, "-apiserver-profile writes into -dir: give -dir")
+		os.Exit(2)
 	}
 	cfg.ExtraManagerArgs = strings.Fields(*extra)
 	cfg.Progress = os.Stdout
