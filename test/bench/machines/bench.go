@@ -155,7 +155,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer bmcs.stop()
-	proxy, err := startProxy(env.Config)
+	managerCfg, err := managerIdentity(ctx, env.Config)
+	if err != nil {
+		return nil, err
+	}
+	proxy, err := startProxy(managerCfg)
 	if err != nil {
 		return nil, err
 	}

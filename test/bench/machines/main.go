@@ -10,7 +10,8 @@
 //   - kube-apiserver and etcd, as envtest runs them (internal/mgmtplane);
 //   - a child process serving the emulated BMCs (this binary re-executed);
 //   - cmd/manager, built from this tree and run as deployed (--provisioner=simulated, no
-//     webhooks, no leader election), whose API server is a counting proxy in this process:
+//     webhooks, no leader election) with a ServiceAccount token bound to config/rbac, whose
+//     API server is a counting proxy in this process:
 //     every request it makes is counted by verb and resource. Its VmHWM is the peak RSS.
 //   - this process: creates the Secrets, hosts, Clusters, Machines and AnvilMachines with its
 //     own client (not counted) and follows them with its own informers.
