@@ -38,8 +38,11 @@ func managerIdentity(ctx context.Context, admin *rest.Config) (*rest.Config, err
 		return nil, err
 	}
 	role := &rbacv1.ClusterRole{}
-	if err := yaml.Unmarshal(raw, role); err != nil || role.Name == "" {
-		return nil, fmt.Errorf("config/rbac/role.yaml: want one ClusterRole: %v", err)
+	if err := yaml.Unmarshal(raw, role); err != nil {
+		return nil, fmt.Errorf("config/rbac/role.yaml: %w", err)
+	}
+	if role.Kind != "ClusterRole" || role.Name == "" {
+		return nil, fmt.Errorf("config/rbac/role.yaml: want one named ClusterRole, found kind %q name %q", role.Kind, role.Name)
 	}
 	cs, err := kubernetes.NewForConfig(admin)
 	if err != nil {
