@@ -100,6 +100,10 @@ func parseFlags(args []string) (options, error) {
 	return o, fs.Parse(args)
 }
 
+// The event recorder (mgr.GetEventRecorder) writes events.k8s.io/v1 Events, not core ones:
+// without this grant the API server refuses every Event the manager records.
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+
 func main() {
 	o, err := parseFlags(os.Args[1:])
 	if err != nil {

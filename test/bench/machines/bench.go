@@ -58,6 +58,9 @@ type Config struct {
 	Dir string
 	// Progress receives progress lines (nil: none).
 	Progress io.Writer
+	// APIServerProfile, when positive, records a CPU profile of the kube-apiserver this long
+	// at the start of each phase into Dir (apiserver-onboarding.pprof, apiserver-provisioning.pprof).
+	APIServerProfile time.Duration
 }
 
 // DefaultConfig is the benchmark: 5,000 hosts and 5,000 machines.
@@ -69,11 +72,15 @@ func DefaultConfig() Config {
 type Result struct {
 	Config Config
 	// HostsAvailable is from the first host created until every host was Available;
-	// Provisioned from the first machine created until every machine was provisioned;
+	// Provisioned from the first AnvilMachine created until every machine was provisioned;
 	// EndToEnd from the first host created until every machine was provisioned.
 	HostsAvailable, Provisioned, EndToEnd time.Duration
-	// CreateHosts and CreateMachines are how long the benchmark took to create them.
-	CreateHosts, CreateMachines time.Duration
+	// CreateHosts, CreateOwners (Clusters, AnvilClusters, Machines) and CreateMachines
+	// (AnvilMachines) are how long the benchmark took to create them.
+	CreateHosts, CreateOwners, CreateMachines time.Duration
+	// OwnerWrites are the manager's requests while the benchmark created Cluster API's
+	// objects (counted in Provision too).
+	OwnerWrites apiCounts
 	// ProvisionedCount machines reached initialization.provisioned.
 	ProvisionedCount int
 	// PeakRSSKiB is the manager's VmHWM at the end of the run.
@@ -84,6 +91,14 @@ type Result struct {
 	// the machine used meanwhile (other work included).
 	CPU         map[string]float64
 	MachineBusy float64
+	// WindowCPU and WindowMachineBusy are the same over the provisioning window;
+	// WindowWrites every write the API server took in it (the manager's and the benchmark's
+	// AnvilMachine creates).
+	WindowCPU         map[string]float64
+	WindowMachineBusy float64
+	WindowWrites      int64
+	// Load is /proc/loadavg at the end of the run.
+	Load string
 	// Problems found when checking the claims at the end (none expected).
 	Problems []string
 	// Latencies of machines from creation to provisioned.
@@ -140,7 +155,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer bmcs.stop()
-	proxy, err := startProxy(env.Config)
+	managerCfg, err := managerIdentity(ctx, env.Config)
+	if err != nil {
+		return nil, err
+	}
+	proxy, err := startProxy(managerCfg)
 	if err != nil {
 		return nil, err
 	}
@@ -175,6 +194,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	labels := map[string]string{mgr.pid(): "manager", bmcs.pid(): "BMC emulators"}
 	cpu0 := childCPU(labels)
 	t0 := time.Now()
+	if cfg.APIServerProfile > 0 {
+		profileAPIServer(ctx, env.Config, cfg.APIServerProfile, dir, "onboarding", res.progressf)
+	}
 	if err := createHosts(ctx, c, cfg, ready); err != nil {
 		return nil, err
 	}
@@ -187,13 +209,30 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	afterOnboard := proxy.snapshot()
 	res.Onboard = afterOnboard.minus(base)
 
-	// Phase 2: machines claim hosts and are provisioned.
+	// Phase 2: machines claim hosts and are provisioned. Cluster API's objects come first,
+	// outside the window: Anvil does nothing with a Machine until its AnvilMachine exists
+	// (in Cluster API the MachineSet creates the infrastructure machine too). The window
+	// opens as the first AnvilMachine is created and includes creating the rest.
 	t1 := time.Now()
-	if err := createMachines(ctx, c, cfg, tr); err != nil {
+	owners, err := createOwners(ctx, c, cfg)
+	if err != nil {
+		return res, err
+	}
+	res.CreateOwners = time.Since(t1)
+	res.progressf("created %d Clusters, AnvilClusters and %d Machines in %s (before the window)", cfg.Clusters, cfg.Machines, res.CreateOwners.Round(100*time.Millisecond))
+	beforeMachines := proxy.snapshot()
+	res.OwnerWrites = beforeMachines.minus(afterOnboard)
+	cpu1 := childCPU(labels)
+	busy1 := machineBusySeconds()
+	t1 = time.Now()
+	if cfg.APIServerProfile > 0 {
+		profileAPIServer(ctx, env.Config, cfg.APIServerProfile, dir, "provisioning", res.progressf)
+	}
+	if err := createAnvilMachines(ctx, c, cfg, owners, tr); err != nil {
 		return res, err
 	}
 	res.CreateMachines = time.Since(t1)
-	res.progressf("created %d Machines and AnvilMachines in %d clusters in %s", cfg.Machines, cfg.Clusters, res.CreateMachines.Round(100*time.Millisecond))
+	res.progressf("created %d AnvilMachines in %s", cfg.Machines, res.CreateMachines.Round(100*time.Millisecond))
 	if err := waitFor(ctx, mgr, res, "machines provisioned", cfg.Machines, tr.provisioned.Load); err != nil {
 		return res, err
 	}
@@ -206,7 +245,14 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	for p, v := range cpu0 {
 		res.CPU[p] -= v
 	}
+	res.WindowCPU = childCPU(labels)
+	for p, v := range cpu1 {
+		res.WindowCPU[p] -= v
+	}
 	res.MachineBusy = machineBusySeconds() - busy0
+	res.WindowMachineBusy = machineBusySeconds() - busy1
+	res.WindowWrites = res.Provision.minus(res.OwnerWrites).writes() + int64(cfg.Machines)
+	res.Load = loadAverage()
 	res.Latencies = tr.latencies()
 	res.WriteLatency = proxy.writeLatencies()
 	res.Problems, err = checkClaims(ctx, c, cfg)
@@ -315,17 +361,22 @@ func createHosts(ctx context.Context, c client.Client, cfg Config, ready bmcsRea
 	})
 }
 
-// createMachines creates what Cluster API would: per cluster a Cluster and its AnvilCluster,
-// then for each machine a Machine with bootstrap data and its AnvilMachine, each in a
-// failure domain (machine i in zone i mod 3, as the hosts are), without hardware minimums.
+// machineOwners is what createOwners made: each machine's Machine and its cluster's name.
+type machineOwners struct {
+	machines []*clusterv1.Machine
+}
+
+// createOwners creates what Cluster API would before an infrastructure machine is needed:
+// per cluster a Cluster and its AnvilCluster, the bootstrap data Secret, and each Machine
+// with bootstrap data in a failure domain (machine i in zone i mod 3, as the hosts are).
 // Cluster API's own controllers do not run: nothing else writes to these objects.
-func createMachines(ctx context.Context, c client.Client, cfg Config, tr *tracker) error {
+func createOwners(ctx context.Context, c client.Client, cfg Config) (*machineOwners, error) {
 	if err := c.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "bootstrap", Namespace: benchNamespace},
 		Data: map[string][]byte{"value": []byte("#cloud-config\n"), "format": []byte("cloud-config")}}); err != nil {
-		return err
+		return nil, err
 	}
-	clusters := make([]*clusterv1.Cluster, cfg.Clusters)
-	for i := range clusters {
+	clusters := make([]string, cfg.Clusters)
+	err := parallel(ctx, cfg.Clusters, cfg.CreateWorkers, func(i int) error {
 		name := fmt.Sprintf("cluster-%03d", i)
 		cl := &clusterv1.Cluster{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: benchNamespace},
 			Spec: clusterv1.ClusterSpec{InfrastructureRef: clusterv1.ContractVersionedObjectReference{
@@ -333,31 +384,45 @@ func createMachines(ctx context.Context, c client.Client, cfg Config, tr *tracke
 		if err := c.Create(ctx, cl); err != nil {
 			return err
 		}
-		clusters[i] = cl
-		if err := c.Create(ctx, &infrav1.AnvilCluster{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: benchNamespace,
+		clusters[i] = name
+		return c.Create(ctx, &infrav1.AnvilCluster{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: benchNamespace,
 			Labels:          map[string]string{clusterv1.ClusterNameLabel: name},
 			OwnerReferences: []metav1.OwnerReference{{APIVersion: clusterv1.GroupVersion.String(), Kind: "Cluster", Name: name, UID: cl.UID}}},
-			Spec: infrav1.AnvilClusterSpec{ControlPlaneEndpoint: clusterv1.APIEndpoint{Host: "192.0.2.1", Port: 6443}}}); err != nil {
-			return err
-		}
+			Spec: infrav1.AnvilClusterSpec{ControlPlaneEndpoint: clusterv1.APIEndpoint{Host: "192.0.2.1", Port: 6443}}})
+	})
+	if err != nil {
+		return nil, err
 	}
-	image := infrav1.Image{URL: "https://images.example.com/ubuntu-24.04.img",
-		Checksum: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
-	return parallel(ctx, cfg.Machines, cfg.CreateWorkers, func(i int) error {
-		cl := clusters[i%len(clusters)]
-		name := fmt.Sprintf("%s-m-%05d", cl.Name, i)
-		labels := map[string]string{clusterv1.ClusterNameLabel: cl.Name}
-		m := &clusterv1.Machine{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: benchNamespace, Labels: labels},
-			Spec: clusterv1.MachineSpec{ClusterName: cl.Name, FailureDomain: zone(i),
+	owners := &machineOwners{machines: make([]*clusterv1.Machine, cfg.Machines)}
+	err = parallel(ctx, cfg.Machines, cfg.CreateWorkers, func(i int) error {
+		cluster := clusters[i%len(clusters)]
+		name := fmt.Sprintf("%s-m-%05d", cluster, i)
+		m := &clusterv1.Machine{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: benchNamespace,
+			Labels: map[string]string{clusterv1.ClusterNameLabel: cluster}},
+			Spec: clusterv1.MachineSpec{ClusterName: cluster, FailureDomain: zone(i),
 				Bootstrap: clusterv1.Bootstrap{DataSecretName: ptr.To("bootstrap")},
 				InfrastructureRef: clusterv1.ContractVersionedObjectReference{APIGroup: infrav1.GroupVersion.Group,
 					Kind: "AnvilMachine", Name: name}}}
 		if err := c.Create(ctx, m); err != nil {
 			return err
 		}
-		tr.created(name)
-		return c.Create(ctx, &infrav1.AnvilMachine{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: benchNamespace, Labels: labels,
-			OwnerReferences: []metav1.OwnerReference{{APIVersion: clusterv1.GroupVersion.String(), Kind: "Machine", Name: name, UID: m.UID}}},
+		owners.machines[i] = m
+		return nil
+	})
+	return owners, err
+}
+
+// createAnvilMachines creates each Machine's AnvilMachine, owned by it, without hardware
+// minimums.
+func createAnvilMachines(ctx context.Context, c client.Client, cfg Config, owners *machineOwners, tr *tracker) error {
+	image := infrav1.Image{URL: "https://images.example.com/ubuntu-24.04.img",
+		Checksum: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
+	return parallel(ctx, cfg.Machines, cfg.CreateWorkers, func(i int) error {
+		m := owners.machines[i]
+		tr.created(m.Name)
+		return c.Create(ctx, &infrav1.AnvilMachine{ObjectMeta: metav1.ObjectMeta{Name: m.Name, Namespace: benchNamespace,
+			Labels:          map[string]string{clusterv1.ClusterNameLabel: m.Spec.ClusterName},
+			OwnerReferences: []metav1.OwnerReference{{APIVersion: clusterv1.GroupVersion.String(), Kind: "Machine", Name: m.Name, UID: m.UID}}},
 			Spec: infrav1.AnvilMachineSpec{Image: image}})
 	})
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -58,6 +59,15 @@ func TestBenchmarkSmall(t *testing.T) {
 	for _, want := range []string{"UPDATE anvilhosts", "PATCH anvilmachines/status", "PATCH anvilmachines"} {
 		if per[want] < int64(cfg.Machines) {
 			t.Errorf("provisioning writes %v: want at least one %q per machine", per, want)
+		}
+	}
+	// The manager runs with config/rbac's role: nothing it does may be forbidden (its Events
+	// were, when the role granted only core Events).
+	for _, c := range []apiCounts{res.Onboard, res.Provision} {
+		for k, n := range c {
+			if k.Code == http.StatusForbidden {
+				t.Errorf("%d requests %s %s forbidden by config/rbac", n, k.Verb, k.Resource)
+			}
 		}
 	}
 	if res.Onboard.writes() < int64(cfg.Hosts) {

@@ -10,7 +10,8 @@
 //   - kube-apiserver and etcd, as envtest runs them (internal/mgmtplane);
 //   - a child process serving the emulated BMCs (this binary re-executed);
 //   - cmd/manager, built from this tree and run as deployed (--provisioner=simulated, no
-//     webhooks, no leader election), whose API server is a counting proxy in this process:
+//     webhooks, no leader election) with a ServiceAccount token bound to config/rbac, whose
+//     API server is a counting proxy in this process:
 //     every request it makes is counted by verb and resource. Its VmHWM is the peak RSS.
 //   - this process: creates the Secrets, hosts, Clusters, Machines and AnvilMachines with its
 //     own client (not counted) and follows them with its own informers.
@@ -51,10 +52,15 @@ func main() {
 	fs.IntVar(&cfg.CreateWorkers, "create-workers", cfg.CreateWorkers, "Parallel creators.")
 	fs.DurationVar(&cfg.Timeout, "timeout", cfg.Timeout, "Give up after this long.")
 	fs.StringVar(&cfg.Dir, "dir", "", "Keep the manager's binary, log and kubeconfig here.")
+	fs.DurationVar(&cfg.APIServerProfile, "apiserver-profile", 0, "Record a kube-apiserver CPU profile this long at the start of each phase into -dir (e.g. 30s).")
 	_ = fs.Parse(os.Args[1:])
 	cfg.Machines = cfg.Hosts
 	if *machines > 0 {
 		cfg.Machines = *machines
+	}
+	if cfg.APIServerProfile > 0 && cfg.Dir == "" {
+		fmt.Fprintln(os.Stderr, "-apiserver-profile writes into -dir: give -dir")
+		os.Exit(2)
 	}
 	cfg.ExtraManagerArgs = strings.Fields(*extra)
 	cfg.Progress = os.Stdout
