@@ -24,6 +24,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
+	"github.com/anvil-metal/cluster-api-provider-anvil/test/bench/apimeter"
 )
 
 // Production defaults the time scale divides (cmd/manager, controllers, internal/bmc).
@@ -529,7 +530,7 @@ func takeSnapshot(ctx context.Context, mgrAddr, bmcAddr string, names map[int]st
 		return s, fmt.Errorf("BMC stats: %w", err)
 	}
 	s.cpu = cpuByProcess(names)
-	s.machineBusy = machineBusySeconds()
+	s.machineBusy = apimeter.MachineBusySeconds()
 	return s, nil
 }
 

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/anvil-metal/cluster-api-provider-anvil/test/bench/apimeter"
 )
 
 // apiCounter counts the manager's requests to the API server by verb, resource and status
@@ -31,7 +33,7 @@ func (c *apiCounter) wrap(rt http.RoundTripper) http.RoundTripper {
 		if err == nil {
 			code = strconv.Itoa(resp.StatusCode)
 		}
-		key := apiKey{Verb: verbOf(req), Resource: c.resourceOf(req.URL.Path), Code: code}.String()
+		key := apiKey{Verb: apimeter.Verb(req), Resource: c.resourceOf(req.URL.Path), Code: code}.String()
 		c.mu.Lock()
 		c.counts[key]++
 		c.mu.Unlock()
@@ -84,53 +86,14 @@ func (k apiKey) isWrite() bool {
 
 func (k apiKey) failed() bool { return k.Code == "err" || (len(k.Code) == 3 && k.Code[0] >= '4') }
 
-func verbOf(req *http.Request) string {
-	switch req.Method {
-	case http.MethodPost:
-		return "CREATE"
-	case http.MethodPut:
-		return "UPDATE"
-	case http.MethodPatch:
-		return "PATCH"
-	case http.MethodDelete:
-		return "DELETE"
-	case http.MethodGet, http.MethodHead:
-		if req.URL.Query().Get("watch") == "true" || req.URL.Query().Get("watch") == "1" {
-			return "WATCH"
-		}
-		return "GET/LIST"
-	}
-	return req.Method
-}
-
-// resourceOf names the resource of an API path: /api/v1/namespaces/ns/secrets/x → secrets,
-// /apis/g/v/namespaces/ns/anvilhosts/x/status → anvilhosts/status. The leader-election
-// Lease is named apart from any other Lease.
+// resourceOf names the resource of an API path (apimeter.Resource), naming the
+// leader-election Lease apart from any other Lease.
 func (c *apiCounter) resourceOf(path string) string {
-	parts := strings.Split(strings.Trim(path, "/"), "/")
-	var rest []string
-	switch {
-	case len(parts) >= 2 && parts[0] == "api":
-		rest = parts[2:]
-	case len(parts) >= 3 && parts[0] == "apis":
-		rest = parts[3:]
-	default:
-		return "other"
-	}
-	if len(rest) >= 3 && rest[0] == "namespaces" {
-		rest = rest[2:]
-	}
-	if len(rest) == 0 {
-		return "discovery"
-	}
-	res := rest[0]
-	if res == "leases" && len(rest) >= 2 && rest[1] == c.leaderLease {
+	resource, name := apimeter.Resource(path)
+	if resource == "leases" && name == c.leaderLease {
 		return "leases(leader-election)"
 	}
-	if len(rest) >= 3 {
-		res += "/" + rest[2]
-	}
-	return res
+	return resource
 }
 
 // apiDelta is the requests made between two snapshots.

@@ -95,30 +95,3 @@ func cpuByProcess(names map[int]string) map[string]float64 {
 	}
 	return out
 }
-
-// machineBusySeconds is the CPU time every process on the machine has used since boot
-// (all but idle and iowait), from /proc/stat: the benchmark's share of it says how much of
-// the machine other work took.
-func machineBusySeconds() float64 {
-	raw, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return 0
-	}
-	line, _, _ := strings.Cut(string(raw), "\n")
-	f := strings.Fields(line)
-	if len(f) < 8 || f[0] != "cpu" {
-		return 0
-	}
-	var busy float64
-	for i, v := range f[1:] {
-		if i == 3 || i == 4 { // idle, iowait
-			continue
-		}
-		if i >= 8 { // guest time is already in user
-			break
-		}
-		n, _ := strconv.ParseFloat(v, 64)
-		busy += n
-	}
-	return busy / clockTicks
-}

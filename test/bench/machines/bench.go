@@ -31,6 +31,7 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/mgmtplane"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
+	"github.com/anvil-metal/cluster-api-provider-anvil/test/bench/apimeter"
 )
 
 const benchNamespace = "anvil-bench"
@@ -190,7 +191,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 
 	// Phase 1: hosts arrive and are onboarded.
 	base := proxy.snapshot()
-	busy0 := machineBusySeconds()
+	busy0 := apimeter.MachineBusySeconds()
 	labels := map[string]string{mgr.pid(): "manager", bmcs.pid(): "BMC emulators"}
 	cpu0 := childCPU(labels)
 	t0 := time.Now()
@@ -223,7 +224,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	beforeMachines := proxy.snapshot()
 	res.OwnerWrites = beforeMachines.minus(afterOnboard)
 	cpu1 := childCPU(labels)
-	busy1 := machineBusySeconds()
+	busy1 := apimeter.MachineBusySeconds()
 	t1 = time.Now()
 	if cfg.APIServerProfile > 0 {
 		profileAPIServer(ctx, env.Config, cfg.APIServerProfile, dir, "provisioning", res.progressf)
@@ -249,8 +250,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	for p, v := range cpu1 {
 		res.WindowCPU[p] -= v
 	}
-	res.MachineBusy = machineBusySeconds() - busy0
-	res.WindowMachineBusy = machineBusySeconds() - busy1
+	res.MachineBusy = apimeter.MachineBusySeconds() - busy0
+	res.WindowMachineBusy = apimeter.MachineBusySeconds() - busy1
 	res.WindowWrites = res.Provision.minus(res.OwnerWrites).writes() + int64(cfg.Machines)
 	res.Load = loadAverage()
 	res.Latencies = tr.latencies()

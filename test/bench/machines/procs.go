@@ -273,33 +273,6 @@ func childCPU(labels map[string]string) map[string]float64 {
 	return out
 }
 
-// machineBusySeconds is the CPU time all processes on the machine have used since boot (all
-// but idle and iowait), from /proc/stat: compared with this benchmark's own processes it
-// shows how much of the machine other work took during the run.
-func machineBusySeconds() float64 {
-	raw, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return 0
-	}
-	line, _, _ := strings.Cut(string(raw), "\n")
-	f := strings.Fields(line)
-	if len(f) < 8 || f[0] != "cpu" {
-		return 0
-	}
-	var busy float64
-	for i, v := range f[1:] {
-		if i == 3 || i == 4 { // idle, iowait
-			continue
-		}
-		if i >= 8 { // guest time is counted in user already
-			break
-		}
-		n, _ := strconv.ParseFloat(v, 64)
-		busy += n
-	}
-	return busy / 100
-}
-
 // loadAverage is the 1, 5 and 15 minute load averages of /proc/loadavg.
 func loadAverage() string {
 	raw, err := os.ReadFile("/proc/loadavg")

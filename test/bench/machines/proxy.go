@@ -7,11 +7,12 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
 	"k8s.io/client-go/rest"
+
+	"github.com/anvil-metal/cluster-api-provider-anvil/test/bench/apimeter"
 )
 
 // countingProxy stands between the manager and the API server and counts every request the
@@ -51,7 +52,8 @@ func startProxy(cfg *rest.Config) (*countingProxy, error) {
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
 		start := time.Now()
 		rp.ServeHTTP(sw, r)
-		k := apiKey{Verb: verbOf(r), Resource: resourceOf(r.URL.Path), Code: sw.code}
+		resource, _ := apimeter.Resource(r.URL.Path)
+		k := apiKey{Verb: apimeter.Verb(r), Resource: resource, Code: sw.code}
 		p.mu.Lock()
 		p.counts[k]++
 		if k.isWrite() {
@@ -125,49 +127,6 @@ func (k apiKey) isWrite() bool {
 		return true
 	}
 	return false
-}
-
-func verbOf(r *http.Request) string {
-	switch r.Method {
-	case http.MethodPost:
-		return "CREATE"
-	case http.MethodPut:
-		return "UPDATE"
-	case http.MethodPatch:
-		return "PATCH"
-	case http.MethodDelete:
-		return "DELETE"
-	}
-	if w := r.URL.Query().Get("watch"); w == "true" || w == "1" {
-		return "WATCH"
-	}
-	return "GET/LIST"
-}
-
-// resourceOf names the resource of an API path: /api/v1/namespaces/ns/secrets/x → secrets,
-// /apis/g/v/namespaces/ns/anvilhosts/x/status → anvilhosts/status.
-func resourceOf(path string) string {
-	parts := strings.Split(strings.Trim(path, "/"), "/")
-	var rest []string
-	switch {
-	case len(parts) >= 2 && parts[0] == "api":
-		rest = parts[2:]
-	case len(parts) >= 3 && parts[0] == "apis":
-		rest = parts[3:]
-	default:
-		return "other"
-	}
-	if len(rest) >= 3 && rest[0] == "namespaces" {
-		rest = rest[2:]
-	}
-	if len(rest) == 0 {
-		return "discovery"
-	}
-	res := rest[0]
-	if len(rest) >= 3 {
-		res += "/" + rest[2]
-	}
-	return res
 }
 
 // apiCounts are request counts by kind.
