@@ -70,26 +70,22 @@ func (l *claimLedger) snapshot() map[types.NamespacedName]struct{} {
 	return out
 }
 
-// settled forgets the claims the cache has caught up with: listed are hosts just read from
-// it (all, or only the claimable ones); a host being claimed that is not among them
-// unclaimed is either claimed in the cache now or out of the choice anyway.
-func (l *claimLedger) settled(listed []infrav1.AnvilHost, claiming map[types.NamespacedName]struct{}) {
+// settled forgets the claims the cache has caught up with: a host being claimed that is no
+// longer claimable there is either claimed in the cache now or out of the choice anyway.
+func (l *claimLedger) settled(claiming map[types.NamespacedName]struct{}, claimable func(types.NamespacedName) bool) {
 	if len(claiming) == 0 {
 		return
 	}
-	unclaimed := make(map[types.NamespacedName]bool, len(claiming))
-	for i := range listed {
-		key := client.ObjectKeyFromObject(&listed[i])
-		if _, ok := claiming[key]; ok && listed[i].Spec.Claim == nil {
-			unclaimed[key] = true
+	var gone []types.NamespacedName
+	for k := range claiming {
+		if !claimable(k) {
+			gone = append(gone, k)
 		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for k := range claiming {
-		if !unclaimed[k] {
-			delete(l.hosts, k)
-		}
+	for _, k := range gone {
+		delete(l.hosts, k)
 	}
 }
 

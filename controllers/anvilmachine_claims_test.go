@@ -5,10 +5,7 @@ import (
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-
-	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 )
 
 func TestClaimLedger(t *testing.T) {
@@ -33,10 +30,13 @@ func TestClaimLedger(t *testing.T) {
 		t.Error("a released host could not be reserved")
 	}
 
-	// Once the cache shows the claim, the ledger lets go (the host is claimed in its object).
-	cached := []infrav1.AnvilHost{{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "h1"},
-		Spec: infrav1.AnvilHostSpec{Claim: &infrav1.HostClaim{MachineRef: infrav1.MachineReference{Name: "m2", UID: "m2"}}}}}
-	l.settled(cached, l.snapshot())
+	// While the cache still shows the host claimable, the ledger holds it; once the cache
+	// shows the claim, it lets go (the host is claimed in its object).
+	l.settled(l.snapshot(), func(types.NamespacedName) bool { return true })
+	if _, ok := l.snapshot()[h1]; !ok {
+		t.Error("the ledger let go of a claim the cache does not show yet")
+	}
+	l.settled(l.snapshot(), func(types.NamespacedName) bool { return false })
 	if len(l.snapshot()) != 0 {
 		t.Errorf("ledger still holds %v after the cache showed the claim", l.snapshot())
 	}

@@ -12,6 +12,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kerrors "k8s.io/apimachinery/pkg/util/errors"
+	toolscache "k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	clusterv1 "sigs.k8s.io/cluster-api/api/core/v1beta2"
@@ -75,6 +76,11 @@ type AnvilMachineReconciler struct {
 	// providerID its own, and copy host labels); nil leaves Nodes alone.
 	ClusterCache clustercache.ClusterCache
 
+	// claimable mirrors the cache's claimable hosts in the order a claim prefers them, so a
+	// claim looks at a few hosts, not the fleet; claimableSynced reports whether it has been
+	// fed the cache's contents yet.
+	claimable       placement.Pool
+	claimableSynced func() bool
 	// claims are the hosts this process is claiming or has just claimed, until the cache
 	// shows it: parallel reconciles then choose different hosts instead of racing for the
 	// same best one and retrying on conflicts.
@@ -83,10 +89,9 @@ type AnvilMachineReconciler struct {
 	writes machineWrites
 }
 
-// Cache indexes of the machine controller: claimable hosts (a claim looks at those only) and
-// machines waiting for a host (a host becoming claimable wakes those only).
+// Cache indexes of the machine controller: hosts by the cluster holding them (spreading
+// counts those) and machines waiting for a host (a host becoming claimable wakes those only).
 const (
-	claimableHostIndex  = "anvil.claimable"
 	clusterHostIndex    = "anvil.claimCluster"
 	waitingMachineIndex = "anvil.waitingForHost"
 )
@@ -94,12 +99,7 @@ const (
 // SetupWithManager registers the controller.
 func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager, options controller.Options) error {
 	log := ctrl.LoggerFrom(ctx)
-	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, claimableHostIndex, func(o client.Object) []string {
-		if placement.Claimable(o.(*infrav1.AnvilHost)) {
-			return []string{"true"}
-		}
-		return nil
-	}); err != nil {
+	if err := r.feedClaimablePool(ctx, mgr); err != nil {
 		return err
 	}
 	if err := mgr.GetFieldIndexer().IndexField(ctx, &infrav1.AnvilHost{}, clusterHostIndex, func(o client.Object) []string {
@@ -138,6 +138,37 @@ func (r *AnvilMachineReconciler) SetupWithManager(ctx context.Context, mgr ctrl.
 		WithOptions(options).
 		WithEventFilter(predicates.ResourceHasFilterLabel(mgr.GetScheme(), log, r.WatchFilterValue)).
 		Complete(r)
+}
+
+// feedClaimablePool keeps r.claimable in step with the host informer.
+func (r *AnvilMachineReconciler) feedClaimablePool(ctx context.Context, mgr ctrl.Manager) error {
+	informer, err := mgr.GetCache().GetInformer(ctx, &infrav1.AnvilHost{})
+	if err != nil {
+		return err
+	}
+	registration, err := informer.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { r.setClaimable(obj) },
+		UpdateFunc: func(_, obj any) { r.setClaimable(obj) },
+		DeleteFunc: func(obj any) {
+			if tombstone, ok := obj.(toolscache.DeletedFinalStateUnknown); ok {
+				obj = tombstone.Obj
+			}
+			if h, ok := obj.(*infrav1.AnvilHost); ok {
+				r.claimable.Delete(client.ObjectKeyFromObject(h))
+			}
+		},
+	})
+	if err != nil {
+		return err
+	}
+	r.claimableSynced = registration.HasSynced
+	return nil
+}
+
+func (r *AnvilMachineReconciler) setClaimable(obj any) {
+	if h, ok := obj.(*infrav1.AnvilHost); ok {
+		r.claimable.Set(h)
+	}
 }
 
 // hostEvents wakes the machine holding a host whenever the host changes; and when a host
@@ -358,13 +389,8 @@ func (r *AnvilMachineReconciler) syncImage(ctx context.Context, host *infrav1.An
 // resourceVersion: if anyone changed the host since we read it, the update fails and we
 // choose again. No lock is held; two machines can never both win one host.
 func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, ctrl.Result, error) {
-	hosts := &infrav1.AnvilHostList{}
-	// Only the claimable hosts, from the cache's own objects, read-only (placement does not
-	// modify them): copying the whole fleet for every claim would dominate the cost of a
-	// large one.
-	if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace), client.MatchingFields{claimableHostIndex: "true"},
-		client.UnsafeDisableDeepCopy); err != nil {
-		return nil, ctrl.Result{}, err
+	if !r.claimableSynced() {
+		return nil, ctrl.Result{RequeueAfter: time.Second}, nil
 	}
 	req := placement.Request{Hardware: am.Spec.Hardware, FailureDomainLabel: r.failureDomainLabel(ctx, cluster)}
 	if machine.Spec.FailureDomain != "" {
@@ -395,15 +421,16 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 		_, ok := claiming[client.ObjectKeyFromObject(h)]
 		return ok
 	}
-	choice := placement.Choose(hosts.Items, req)
+	choice := r.claimable.Choose(am.Namespace, req)
+	r.claims.settled(claiming, r.claimable.Contains)
 	if choice.Host == nil {
 		// Explaining the wait takes every host into account, not only the claimable ones.
+		hosts := &infrav1.AnvilHostList{}
 		if err := r.Client.List(ctx, hosts, client.InNamespace(am.Namespace), client.UnsafeDisableDeepCopy); err != nil {
 			return nil, ctrl.Result{}, err
 		}
 		choice = placement.Choose(hosts.Items, req)
 	}
-	r.claims.settled(hosts.Items, claiming)
 	if choice.Host == nil {
 		msg := choice.Explain()
 		if req.FailureDomain != "" {
