@@ -24,6 +24,12 @@ func newHTTPTransport(t Target) *http.Transport {
 		MinVersion:         tls.VersionTLS12,
 		RootCAs:            t.CAPool,
 		InsecureSkipVerify: t.InsecureSkipVerify, //nolint:gosec // only from the host's explicit, surfaced opt-out
+		// The connection goes between power polls (see DefaultConnIdleTimeout); the next one
+		// resumes the TLS session instead of a full handshake, which spares the BMC's slow CPU
+		// a signature and us a certificate-chain verification every poll. A resumed session
+		// is bound to the certificate verified when it began, and a new CA bundle means a new
+		// transport, so a new cache.
+		ClientSessionCache: tls.NewLRUClientSessionCache(1),
 	}
 	// One connection per BMC: the pool runs one operation at a time per BMC, and gofish, which
 	// fetches collection members from several goroutines, would otherwise open a second
