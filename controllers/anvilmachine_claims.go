@@ -27,11 +27,16 @@ const claimTTL = 30 * time.Second
 type claimLedger struct {
 	mu    sync.Mutex
 	hosts map[types.NamespacedName]claimEntry
+	// stale holds, per host, the resourceVersion a claim was refused for: the cache's copy is
+	// behind the server's, and choosing that copy again would only conflict again (each try an
+	// update refused and a read), so no reconcile chooses it until the cache has a newer one.
+	stale map[types.NamespacedName]claimEntry
 }
 
 type claimEntry struct {
-	machine types.UID
-	at      time.Time
+	machine         types.UID // hosts: the machine claiming it
+	resourceVersion string    // stale: the version refused
+	at              time.Time
 }
 
 // reserve marks host as being claimed by machine; false if another machine holds it.
@@ -55,6 +60,16 @@ func (l *claimLedger) release(host types.NamespacedName) {
 	delete(l.hosts, host)
 }
 
+// markStale records that a claim of host at resourceVersion was refused as a conflict.
+func (l *claimLedger) markStale(host types.NamespacedName, resourceVersion string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stale == nil {
+		l.stale = map[types.NamespacedName]claimEntry{}
+	}
+	l.stale[host] = claimEntry{resourceVersion: resourceVersion, at: time.Now()}
+}
+
 // snapshot returns the hosts claimed recently, dropping the expired ones.
 func (l *claimLedger) snapshot() map[types.NamespacedName]struct{} {
 	l.mu.Lock()
@@ -66,6 +81,44 @@ func (l *claimLedger) snapshot() map[types.NamespacedName]struct{} {
 			continue
 		}
 		out[k] = struct{}{}
+	}
+	return out
+}
+
+// claimView is what the ledger held when a claim began: hosts being claimed, and cached
+// host versions known to be behind the server.
+type claimView struct {
+	claiming map[types.NamespacedName]struct{}
+	stale    map[types.NamespacedName]string
+}
+
+func (l *claimLedger) view() claimView {
+	return claimView{claiming: l.snapshot(), stale: l.staleVersions()}
+}
+
+// passOver reports whether a claim should skip h as it is cached: another claim of it is in
+// flight (or the cache does not show a claim just made), or this version was refused.
+func (v claimView) passOver(h *infrav1.AnvilHost) bool {
+	key := client.ObjectKeyFromObject(h)
+	if _, ok := v.claiming[key]; ok {
+		return true
+	}
+	rv, ok := v.stale[key]
+	return ok && rv == h.ResourceVersion
+}
+
+// staleVersions returns the host versions known to be behind the server, dropping the
+// expired ones (a cache that never catches up blocks nobody forever).
+func (l *claimLedger) staleVersions() map[types.NamespacedName]string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[types.NamespacedName]string, len(l.stale))
+	for k, e := range l.stale {
+		if time.Since(e.at) >= claimTTL {
+			delete(l.stale, k)
+			continue
+		}
+		out[k] = e.resourceVersion
 	}
 	return out
 }

@@ -5,7 +5,10 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+
+	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 )
 
 func TestClaimLedger(t *testing.T) {
@@ -50,6 +53,31 @@ func TestClaimLedger(t *testing.T) {
 	l.mu.Unlock()
 	if _, ok := l.snapshot()[h1]; ok || !l.reserve(h1, "m4") {
 		t.Error("an expired reservation still holds the host")
+	}
+}
+
+// TestConflictMarksTheCachedVersionStale: after a claim of a host is refused as a
+// conflict, that cached version is passed over, a newer one is not, and the mark expires.
+func TestConflictMarksTheCachedVersionStale(t *testing.T) {
+	var l claimLedger
+	h := types.NamespacedName{Namespace: "ns", Name: "h"}
+	l.markStale(h, "41")
+	cached := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "h", ResourceVersion: "41"}}
+	if !l.view().passOver(cached) {
+		t.Error("the version a claim was refused for is chosen again")
+	}
+	cached.ResourceVersion = "42"
+	if l.view().passOver(cached) {
+		t.Error("a newer cached version is passed over")
+	}
+	cached.ResourceVersion = "41"
+	l.mu.Lock()
+	e := l.stale[h]
+	e.at = time.Now().Add(-claimTTL)
+	l.stale[h] = e
+	l.mu.Unlock()
+	if l.view().passOver(cached) {
+		t.Error("an expired stale mark still holds the host")
 	}
 }
 

@@ -416,13 +416,11 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	}
 	// Hosts that this process is claiming right now, or claimed so recently that the cache
 	// does not show it yet, count as claimed: each racing reconcile takes the best host left.
-	claiming := r.claims.snapshot()
-	req.Claimed = func(h *infrav1.AnvilHost) bool {
-		_, ok := claiming[client.ObjectKeyFromObject(h)]
-		return ok
-	}
+	// So do hosts whose cached copy a claim was just refused for.
+	ledger := r.claims.view()
+	req.Claimed = ledger.passOver
 	choice := r.claimable.Choose(am.Namespace, req)
-	r.claims.settled(claiming, r.claimable.Contains)
+	r.claims.settled(ledger.claiming, r.claimable.Contains)
 	if choice.Host == nil {
 		// Explaining the wait takes every host into account, not only the claimable ones.
 		hosts := &infrav1.AnvilHostList{}
@@ -438,6 +436,11 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 		}
 		setCondition(am, ConditionHostClaimed, false, reasonNoMatchingHost, msg)
 		setCondition(am, clusterv1.ReadyCondition, false, reasonNoMatchingHost, msg)
+		if len(ledger.claiming) > 0 || len(ledger.stale) > 0 {
+			// Hosts passed over while a claim of them is in flight, or until the cache has
+			// their latest version, may be free in a moment, and no event says so.
+			return nil, ctrl.Result{RequeueAfter: time.Second}, nil
+		}
 		return nil, ctrl.Result{RequeueAfter: time.Minute}, nil
 	}
 
@@ -465,9 +468,11 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	// From the claim until the host is Provisioned, clusterctl move waits (the host
 	// controller removes this).
 	host.Annotations[BlockMoveAnnotation] = "true"
+	chosenVersion := host.ResourceVersion
 	if err := r.Client.Update(ctx, host); err != nil {
 		r.claims.release(key)
 		if apierrors.IsConflict(err) {
+			r.claims.markStale(key, chosenVersion)
 			// Someone else changed the host first: choose again soon, with jitter so racing
 			// machines spread out.
 			return nil, ctrl.Result{RequeueAfter: time.Duration(50+rand.IntN(200)) * time.Millisecond}, nil //nolint:gosec // jitter
