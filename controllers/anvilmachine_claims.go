@@ -14,42 +14,50 @@ import (
 	infrav1 "github.com/anvil-metal/cluster-api-provider-anvil/api/v1alpha1"
 )
 
-// claimTTL bounds how long a claim this process made keeps its host out of other choices
-// while the cache does not show it. The cache is normally a fraction of a second behind;
-// past the TTL the optimistic lock still stops a second claim, at the price of a conflict.
-const claimTTL = 30 * time.Second
+// claimBackstop bounds how long the ledger keeps an entry whose host the cache still shows
+// at the version the entry names. Entries normally go as soon as the cache has moved on
+// (usually well under a second, tens of seconds when the API server is saturated); this only
+// keeps a bug from holding a host out of every choice forever. The optimistic lock, not the
+// ledger, is what stops a second claim.
+const claimBackstop = 10 * time.Minute
 
 // claimLedger is what the AnvilMachine controller knows of its own claims before its cache
-// does: the hosts it is claiming or has just claimed. Without it every reconcile running in
-// parallel picks the same best host from the same cache, one wins and the rest retry on a
-// conflict, and a large fleet is claimed at a trickle. Safety does not rest on it: the claim
-// is still an update carrying the host's resourceVersion.
+// does. Without it every reconcile running in parallel picks the same best host from the
+// same cache, one wins and the rest retry on a conflict, and a large fleet is claimed at a
+// trickle. Safety does not rest on it: the claim is still an update carrying the host's
+// resourceVersion.
+//
+// Each entry names the host's cached resourceVersion it is about, and holds while the cache
+// still shows that version: a cache lagging behind the API server, however far, never makes
+// a reconcile choose a host this process has just claimed, nor a copy already refused.
 type claimLedger struct {
-	mu    sync.Mutex
-	hosts map[types.NamespacedName]claimEntry
-	// stale holds, per host, the resourceVersion a claim was refused for: the cache's copy is
-	// behind the server's, and choosing that copy again would only conflict again (each try an
-	// update refused and a read), so no reconcile chooses it until the cache has a newer one.
+	mu sync.Mutex
+	// claiming: hosts being claimed, or claimed by this process, by the version the claim
+	// was made against.
+	claiming map[types.NamespacedName]claimEntry
+	// stale: the version a claim was refused for (a conflict: the cache is behind the
+	// server, and choosing that copy again would only conflict again).
 	stale map[types.NamespacedName]claimEntry
 }
 
 type claimEntry struct {
-	machine         types.UID // hosts: the machine claiming it
-	resourceVersion string    // stale: the version refused
+	machine         types.UID // claiming only: the machine claiming the host
+	resourceVersion string
 	at              time.Time
 }
 
-// reserve marks host as being claimed by machine; false if another machine holds it.
-func (l *claimLedger) reserve(host types.NamespacedName, machine types.UID) bool {
+// reserve marks host, cached at resourceVersion, as being claimed by machine; false if
+// another machine is claiming that same version.
+func (l *claimLedger) reserve(host types.NamespacedName, machine types.UID, resourceVersion string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.hosts == nil {
-		l.hosts = map[types.NamespacedName]claimEntry{}
+	if l.claiming == nil {
+		l.claiming = map[types.NamespacedName]claimEntry{}
 	}
-	if e, ok := l.hosts[host]; ok && e.machine != machine && time.Since(e.at) < claimTTL {
+	if e, ok := l.claiming[host]; ok && e.machine != machine && e.resourceVersion == resourceVersion && time.Since(e.at) < claimBackstop {
 		return false
 	}
-	l.hosts[host] = claimEntry{machine: machine, at: time.Now()}
+	l.claiming[host] = claimEntry{machine: machine, resourceVersion: resourceVersion, at: time.Now()}
 	return true
 }
 
@@ -57,7 +65,7 @@ func (l *claimLedger) reserve(host types.NamespacedName, machine types.UID) bool
 func (l *claimLedger) release(host types.NamespacedName) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	delete(l.hosts, host)
+	delete(l.claiming, host)
 }
 
 // markStale records that a claim of host at resourceVersion was refused as a conflict.
@@ -70,52 +78,24 @@ func (l *claimLedger) markStale(host types.NamespacedName, resourceVersion strin
 	l.stale[host] = claimEntry{resourceVersion: resourceVersion, at: time.Now()}
 }
 
-// snapshot returns the hosts claimed recently, dropping the expired ones.
-func (l *claimLedger) snapshot() map[types.NamespacedName]struct{} {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	out := make(map[types.NamespacedName]struct{}, len(l.hosts))
-	for k, e := range l.hosts {
-		if time.Since(e.at) >= claimTTL {
-			delete(l.hosts, k)
-			continue
-		}
-		out[k] = struct{}{}
-	}
-	return out
-}
-
-// claimView is what the ledger held when a claim began: hosts being claimed, and cached
-// host versions known to be behind the server.
+// claimView is what the ledger held when a claim began, by host: the cached version it
+// passes over.
 type claimView struct {
-	claiming map[types.NamespacedName]struct{}
-	stale    map[types.NamespacedName]string
+	claiming, stale map[types.NamespacedName]string
 }
 
 func (l *claimLedger) view() claimView {
-	return claimView{claiming: l.snapshot(), stale: l.staleVersions()}
-}
-
-// passOver reports whether a claim should skip h as it is cached: another claim of it is in
-// flight (or the cache does not show a claim just made), or this version was refused.
-func (v claimView) passOver(h *infrav1.AnvilHost) bool {
-	key := client.ObjectKeyFromObject(h)
-	if _, ok := v.claiming[key]; ok {
-		return true
-	}
-	rv, ok := v.stale[key]
-	return ok && rv == h.ResourceVersion
-}
-
-// staleVersions returns the host versions known to be behind the server, dropping the
-// expired ones (a cache that never catches up blocks nobody forever).
-func (l *claimLedger) staleVersions() map[types.NamespacedName]string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	out := make(map[types.NamespacedName]string, len(l.stale))
-	for k, e := range l.stale {
-		if time.Since(e.at) >= claimTTL {
-			delete(l.stale, k)
+	return claimView{claiming: versions(l.claiming), stale: versions(l.stale)}
+}
+
+// versions copies entries' versions, dropping the entries past the backstop.
+func versions(entries map[types.NamespacedName]claimEntry) map[types.NamespacedName]string {
+	out := make(map[types.NamespacedName]string, len(entries))
+	for k, e := range entries {
+		if time.Since(e.at) >= claimBackstop {
+			delete(entries, k)
 			continue
 		}
 		out[k] = e.resourceVersion
@@ -123,22 +103,46 @@ func (l *claimLedger) staleVersions() map[types.NamespacedName]string {
 	return out
 }
 
-// settled forgets the claims the cache has caught up with: a host being claimed that is no
-// longer claimable there is either claimed in the cache now or out of the choice anyway.
-func (l *claimLedger) settled(claiming map[types.NamespacedName]struct{}, claimable func(types.NamespacedName) bool) {
-	if len(claiming) == 0 {
+// passOver reports whether a claim should skip h as it is cached: a claim made against this
+// very version is in flight or done (the cache does not show it yet), or this version was
+// refused. A newer cached version shows the truth, whatever the ledger says.
+func (v claimView) passOver(h *infrav1.AnvilHost) bool {
+	key := client.ObjectKeyFromObject(h)
+	if rv, ok := v.claiming[key]; ok && rv == h.ResourceVersion {
+		return true
+	}
+	rv, ok := v.stale[key]
+	return ok && rv == h.ResourceVersion
+}
+
+// settled forgets the entries the cache has caught up with: the host's cached version,
+// claimable or not, is no longer the one the entry names (cachedVersion reports the version
+// of a claimable host, ok false for any other).
+func (l *claimLedger) settled(v claimView, cachedVersion func(types.NamespacedName) (string, bool)) {
+	if len(v.claiming) == 0 && len(v.stale) == 0 {
 		return
 	}
-	var gone []types.NamespacedName
-	for k := range claiming {
-		if !claimable(k) {
-			gone = append(gone, k)
+	moved := func(seen map[types.NamespacedName]string) []types.NamespacedName {
+		var out []types.NamespacedName
+		for k, rv := range seen {
+			if now, ok := cachedVersion(k); !ok || now != rv {
+				out = append(out, k)
+			}
 		}
+		return out
 	}
+	movedClaims, movedStale := moved(v.claiming), moved(v.stale)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, k := range gone {
-		delete(l.hosts, k)
+	for _, k := range movedClaims {
+		if e, ok := l.claiming[k]; ok && e.resourceVersion == v.claiming[k] {
+			delete(l.claiming, k)
+		}
+	}
+	for _, k := range movedStale {
+		if e, ok := l.stale[k]; ok && e.resourceVersion == v.stale[k] {
+			delete(l.stale, k)
+		}
 	}
 }
 

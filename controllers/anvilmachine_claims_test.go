@@ -13,55 +13,72 @@ import (
 
 func TestClaimLedger(t *testing.T) {
 	var l claimLedger
-	h1 := types.NamespacedName{Namespace: "ns", Name: "h1"}
-	if !l.reserve(h1, "m1") {
+	key := types.NamespacedName{Namespace: "ns", Name: "h1"}
+	cached := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "h1", ResourceVersion: "7"}}
+	if !l.reserve(key, "m1", "7") {
 		t.Fatal("first reservation refused")
 	}
-	if l.reserve(h1, "m2") {
+	if l.reserve(key, "m2", "7") {
 		t.Error("a host being claimed by m1 was reserved for m2 too")
 	}
-	if !l.reserve(h1, "m1") {
+	if !l.reserve(key, "m1", "7") {
 		t.Error("the same machine retrying its claim was refused")
 	}
-	if _, ok := l.snapshot()[h1]; !ok {
-		t.Error("the snapshot misses a host being claimed")
+	if !l.view().passOver(cached) {
+		t.Error("a host being claimed is offered to other claims")
 	}
 
 	// A failed claim frees the host at once.
-	l.release(h1)
-	if !l.reserve(h1, "m2") {
+	l.release(key)
+	if !l.reserve(key, "m2", "7") {
 		t.Error("a released host could not be reserved")
 	}
 
-	// While the cache still shows the host claimable, the ledger holds it; once the cache
-	// shows the claim, it lets go (the host is claimed in its object).
-	l.settled(l.snapshot(), func(types.NamespacedName) bool { return true })
-	if _, ok := l.snapshot()[h1]; !ok {
+	// However long the cache shows the version the claim was made against, the host is
+	// passed over; once the cache shows a newer version (claimed, or changed), the entry goes.
+	stillCached := func(types.NamespacedName) (string, bool) { return "7", true }
+	l.mu.Lock()
+	e := l.claiming[key]
+	e.at = time.Now().Add(-time.Minute) // a cache far behind: longer than any TTL would allow
+	l.claiming[key] = e
+	l.mu.Unlock()
+	l.settled(l.view(), stillCached)
+	if !l.view().passOver(cached) {
 		t.Error("the ledger let go of a claim the cache does not show yet")
 	}
-	l.settled(l.snapshot(), func(types.NamespacedName) bool { return false })
-	if len(l.snapshot()) != 0 {
-		t.Errorf("ledger still holds %v after the cache showed the claim", l.snapshot())
+	claimedNow := func(types.NamespacedName) (string, bool) { return "", false } // not claimable any more
+	l.settled(l.view(), claimedNow)
+	if len(l.view().claiming) != 0 {
+		t.Errorf("ledger still holds %v after the cache showed the claim", l.view().claiming)
+	}
+	// A newer cached version is the truth, whatever the ledger holds.
+	l.reserve(key, "m3", "7")
+	cached.ResourceVersion = "9"
+	if l.view().passOver(cached) {
+		t.Error("a newer cached version was passed over")
+	}
+	if !l.reserve(key, "m4", "9") {
+		t.Error("a newer version could not be reserved")
 	}
 
-	// Entries expire: a claim the cache never shows (the write was lost) blocks nobody forever.
-	l.reserve(h1, "m3")
+	// The backstop: an entry older than it blocks nobody.
 	l.mu.Lock()
-	e := l.hosts[h1]
-	e.at = time.Now().Add(-claimTTL)
-	l.hosts[h1] = e
+	e = l.claiming[key]
+	e.at = time.Now().Add(-claimBackstop)
+	l.claiming[key] = e
 	l.mu.Unlock()
-	if _, ok := l.snapshot()[h1]; ok || !l.reserve(h1, "m4") {
-		t.Error("an expired reservation still holds the host")
+	if l.view().passOver(cached) || !l.reserve(key, "m5", "9") {
+		t.Error("an entry past the backstop still holds the host")
 	}
 }
 
 // TestConflictMarksTheCachedVersionStale: after a claim of a host is refused as a
-// conflict, that cached version is passed over, a newer one is not, and the mark expires.
+// conflict, that cached version is passed over, a newer one is not, and the mark goes once
+// the cache has moved on.
 func TestConflictMarksTheCachedVersionStale(t *testing.T) {
 	var l claimLedger
-	h := types.NamespacedName{Namespace: "ns", Name: "h"}
-	l.markStale(h, "41")
+	key := types.NamespacedName{Namespace: "ns", Name: "h"}
+	l.markStale(key, "41")
 	cached := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "h", ResourceVersion: "41"}}
 	if !l.view().passOver(cached) {
 		t.Error("the version a claim was refused for is chosen again")
@@ -70,14 +87,9 @@ func TestConflictMarksTheCachedVersionStale(t *testing.T) {
 	if l.view().passOver(cached) {
 		t.Error("a newer cached version is passed over")
 	}
-	cached.ResourceVersion = "41"
-	l.mu.Lock()
-	e := l.stale[h]
-	e.at = time.Now().Add(-claimTTL)
-	l.stale[h] = e
-	l.mu.Unlock()
-	if l.view().passOver(cached) {
-		t.Error("an expired stale mark still holds the host")
+	l.settled(l.view(), func(types.NamespacedName) (string, bool) { return "42", true })
+	if len(l.view().stale) != 0 {
+		t.Error("the stale mark outlived the cache catching up")
 	}
 }
 

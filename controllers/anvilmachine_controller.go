@@ -420,7 +420,7 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	ledger := r.claims.view()
 	req.Claimed = ledger.passOver
 	choice := r.claimable.Choose(am.Namespace, req)
-	r.claims.settled(ledger.claiming, r.claimable.Contains)
+	r.claims.settled(ledger, r.claimable.Version)
 	if choice.Host == nil {
 		// Explaining the wait takes every host into account, not only the claimable ones.
 		hosts := &infrav1.AnvilHostList{}
@@ -446,7 +446,7 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 
 	host := choice.Host.DeepCopy()
 	key := client.ObjectKeyFromObject(host)
-	if !r.claims.reserve(key, am.UID) {
+	if !r.claims.reserve(key, am.UID, host.ResourceVersion) {
 		// Another reconcile took it between the snapshot and now: choose again at once.
 		return nil, ctrl.Result{RequeueAfter: time.Millisecond}, nil
 	}

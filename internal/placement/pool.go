@@ -25,8 +25,8 @@ type Pool struct {
 }
 
 type namespacePool struct {
-	ordered []poolEntry         // by (size, name)
-	byName  map[string][3]int64 // name -> the size key it is ordered by
+	ordered []poolEntry          // by (size, name)
+	byName  map[string]poolEntry // name -> its entry, as ordered
 }
 
 type poolEntry struct {
@@ -55,7 +55,7 @@ func (p *Pool) Set(h *infrav1.AnvilHost) {
 	e := poolEntry{size: sizeKey(h), host: h}
 	i, _ := slices.BinarySearchFunc(ns.ordered, e, comparePoolEntries)
 	ns.ordered = slices.Insert(ns.ordered, i, e)
-	ns.byName[h.Name] = e.size
+	ns.byName[h.Name] = e
 }
 
 // Delete forgets the host key.
@@ -67,17 +67,20 @@ func (p *Pool) Delete(key types.NamespacedName) {
 	}
 }
 
-// Contains reports whether the host key is in the pool (claimable, as far as the informer
-// has seen).
-func (p *Pool) Contains(key types.NamespacedName) bool {
+// Version returns the resourceVersion of the host key if it is in the pool (claimable, as
+// far as the informer has seen); ok is false otherwise.
+func (p *Pool) Version(key types.NamespacedName) (resourceVersion string, ok bool) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	ns := p.byNamespace[key.Namespace]
 	if ns == nil {
-		return false
+		return "", false
 	}
-	_, ok := ns.byName[key.Name]
-	return ok
+	e, ok := ns.byName[key.Name]
+	if !ok {
+		return "", false
+	}
+	return e.host.ResourceVersion, true
 }
 
 // Choose is Choose over the pool's hosts in namespace: the same host, found by walking them
@@ -122,21 +125,19 @@ func (p *Pool) namespace(name string) *namespacePool {
 	}
 	ns := p.byNamespace[name]
 	if ns == nil {
-		ns = &namespacePool{byName: map[string][3]int64{}}
+		ns = &namespacePool{byName: map[string]poolEntry{}}
 		p.byNamespace[name] = ns
 	}
 	return ns
 }
 
 func (ns *namespacePool) remove(name string) {
-	size, ok := ns.byName[name]
+	e, ok := ns.byName[name]
 	if !ok {
 		return
 	}
 	delete(ns.byName, name)
-	probe := poolEntry{size: size, host: &infrav1.AnvilHost{}}
-	probe.host.Name = name
-	if i, found := slices.BinarySearchFunc(ns.ordered, probe, comparePoolEntries); found {
+	if i, found := slices.BinarySearchFunc(ns.ordered, e, comparePoolEntries); found {
 		ns.ordered = slices.Delete(ns.ordered, i, i+1)
 	}
 }

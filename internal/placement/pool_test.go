@@ -23,6 +23,7 @@ func randomHost(rng *rand.Rand, namespace string, i int) *infrav1.AnvilHost {
 	s := sizes[rng.IntN(len(sizes))]
 	h := host(fmt.Sprintf("h-%02d", i), fmt.Sprintf("zone-%c", 'a'+rng.IntN(3)), s.cores, s.mem, s.gpus)
 	h.Namespace = namespace
+	h.ResourceVersion = fmt.Sprint(rng.IntN(1000))
 	h.Labels["rack"] = fmt.Sprintf("r%d", rng.IntN(2))
 	switch rng.IntN(10) {
 	case 0:
@@ -73,8 +74,8 @@ func TestPoolChoosesWhatChooseChooses(t *testing.T) {
 				if k.Namespace == ns && Claimable(h) {
 					claimable = append(claimable, *h)
 				}
-				if got := pool.Contains(k); got != Claimable(h) {
-					t.Fatalf("round %d: pool contains %s = %v, want %v", round, k, got, Claimable(h))
+				if rv, got := pool.Version(k); got != Claimable(h) || got && rv != h.ResourceVersion {
+					t.Fatalf("round %d: pool has %s = %v (version %q), want %v (version %q)", round, k, got, rv, Claimable(h), h.ResourceVersion)
 				}
 			}
 			for ri, req := range requests {
@@ -113,7 +114,7 @@ func TestPoolFollowsHostChanges(t *testing.T) {
 	if got := name(pool.Choose("", Request{}).Host); got != "small" {
 		t.Fatalf("chose %q once big was deleted, want small", got)
 	}
-	if pool.Contains(types.NamespacedName{Name: "big"}) || pool.Choose("other", Request{}).Host != nil {
+	if _, ok := pool.Version(types.NamespacedName{Name: "big"}); ok || pool.Choose("other", Request{}).Host != nil {
 		t.Fatal("a deleted host, or another namespace, still offers a host")
 	}
 }
