@@ -228,14 +228,14 @@ func (r *AnvilHostReconciler) resolveTarget(ctx context.Context, host *infrav1.A
 		if err := r.Client.Get(ctx, types.NamespacedName{Namespace: host.Namespace, Name: ref.Name}, ca); err != nil {
 			return nil, fmt.Errorf("CA bundle Secret %q: %w", ref.Name, client.IgnoreNotFound(err))
 		}
-		pool, err := r.caPools.pool(ca)
+		pool, digest, err := r.caPools.pool(ca)
 		if err != nil {
 			return nil, err
 		}
 		if err := r.movable.ensure(ctx, r.Client, ca); err != nil {
 			return nil, err
 		}
-		t.CAPool = pool
+		t.CAPool, t.CADigest = pool, digest
 	}
 	return t, nil
 }

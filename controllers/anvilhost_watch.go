@@ -1,7 +1,9 @@
 package controllers
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"maps"
 	"sync"
@@ -54,23 +56,26 @@ type caPools struct {
 type parsedCA struct {
 	resourceVersion string
 	pool            *x509.CertPool
+	digest          string // of the PEM: what bmc.Target.CADigest wants
 }
 
-// pool returns the certificates under ca.crt of s.
-func (c *caPools) pool(s *corev1.Secret) (*x509.CertPool, error) {
+// pool returns the certificates under ca.crt of s, and a digest of them.
+func (c *caPools) pool(s *corev1.Secret) (*x509.CertPool, string, error) {
 	key := types.NamespacedName{Namespace: s.Namespace, Name: s.Name}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if p, ok := c.bySecret[key]; ok && p.resourceVersion == s.ResourceVersion && s.ResourceVersion != "" {
-		return p.pool, nil
+		return p.pool, p.digest, nil
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(s.Data["ca.crt"]) {
-		return nil, fmt.Errorf("CA bundle Secret %q has no PEM certificate under key ca.crt", s.Name)
+		return nil, "", fmt.Errorf("CA bundle Secret %q has no PEM certificate under key ca.crt", s.Name)
 	}
 	if c.bySecret == nil {
 		c.bySecret = map[types.NamespacedName]parsedCA{}
 	}
-	c.bySecret[key] = parsedCA{resourceVersion: s.ResourceVersion, pool: pool}
-	return pool, nil
+	sum := sha256.Sum256(s.Data["ca.crt"])
+	parsed := parsedCA{resourceVersion: s.ResourceVersion, pool: pool, digest: hex.EncodeToString(sum[:])}
+	c.bySecret[key] = parsed
+	return parsed.pool, parsed.digest, nil
 }

@@ -297,19 +297,28 @@ func TestCAPoolsParsedOncePerVersion(t *testing.T) {
 	var pools caPools
 	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "ca", ResourceVersion: "1"},
 		Data: map[string][]byte{"ca.crt": srv.CACertPEM()}}
-	p1, err := pools.pool(s)
+	p1, d1, err := pools.pool(s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p2, _ := pools.pool(s.DeepCopy()); p2 != p1 {
+	if p2, d2, _ := pools.pool(s.DeepCopy()); p2 != p1 || d2 != d1 {
 		t.Error("the same Secret version was parsed again")
 	}
 	s.ResourceVersion = "2"
-	if p3, _ := pools.pool(s); p3 == p1 {
-		t.Error("a changed Secret must be parsed again")
+	if p3, d3, _ := pools.pool(s); p3 == p1 || d3 != d1 {
+		t.Error("a changed Secret must be parsed again, and the same PEM digests the same")
 	}
-	s.ResourceVersion, s.Data["ca.crt"] = "3", []byte("not PEM")
-	if _, err := pools.pool(s); err == nil || !strings.Contains(err.Error(), "ca.crt") {
+	rotated, err := redfish.NewServer(redfish.ServerOptions{TLS: true}) // a CA of its own
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rotated.Close()
+	s.ResourceVersion, s.Data["ca.crt"] = "3", rotated.CACertPEM()
+	if _, d4, _ := pools.pool(s); d4 == d1 {
+		t.Error("another bundle has the same digest: a rotated CA would resume sessions verified with the old one")
+	}
+	s.ResourceVersion, s.Data["ca.crt"] = "4", []byte("not PEM")
+	if _, _, err := pools.pool(s); err == nil || !strings.Contains(err.Error(), "ca.crt") {
 		t.Errorf("bad bundle: %v", err)
 	}
 }

@@ -61,17 +61,27 @@ func (l *claimLedger) reserve(host types.NamespacedName, machine types.UID, reso
 	return true
 }
 
-// release forgets a claim that did not happen.
-func (l *claimLedger) release(host types.NamespacedName) {
+// release forgets machine's claim of host, which did not happen; another machine's
+// reservation of a newer version stays.
+func (l *claimLedger) release(host types.NamespacedName, machine types.UID) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	delete(l.claiming, host)
+	l.releaseLocked(host, machine)
 }
 
-// markStale records that a claim of host at resourceVersion was refused as a conflict.
-func (l *claimLedger) markStale(host types.NamespacedName, resourceVersion string) {
+func (l *claimLedger) releaseLocked(host types.NamespacedName, machine types.UID) {
+	if e, ok := l.claiming[host]; ok && e.machine == machine {
+		delete(l.claiming, host)
+	}
+}
+
+// refused records that machine's claim of host at resourceVersion was refused as a conflict:
+// the claim goes and that version is passed over, in one step, so no reconcile chooses it in
+// between.
+func (l *claimLedger) refused(host types.NamespacedName, machine types.UID, resourceVersion string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.releaseLocked(host, machine)
 	if l.stale == nil {
 		l.stale = map[types.NamespacedName]claimEntry{}
 	}

@@ -28,8 +28,12 @@ func TestClaimLedger(t *testing.T) {
 		t.Error("a host being claimed is offered to other claims")
 	}
 
-	// A failed claim frees the host at once.
-	l.release(key)
+	// A failed claim frees the host at once, but only the machine's own reservation.
+	l.release(key, "m2")
+	if l.reserve(key, "m2", "7") {
+		t.Error("another machine's failed claim released m1's reservation")
+	}
+	l.release(key, "m1")
 	if !l.reserve(key, "m2", "7") {
 		t.Error("a released host could not be reserved")
 	}
@@ -78,7 +82,11 @@ func TestClaimLedger(t *testing.T) {
 func TestConflictMarksTheCachedVersionStale(t *testing.T) {
 	var l claimLedger
 	key := types.NamespacedName{Namespace: "ns", Name: "h"}
-	l.markStale(key, "41")
+	l.reserve(key, "m1", "41")
+	l.refused(key, "m1", "41")
+	if len(l.view().claiming) != 0 {
+		t.Error("a refused claim is still held")
+	}
 	cached := &infrav1.AnvilHost{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "h", ResourceVersion: "41"}}
 	if !l.view().passOver(cached) {
 		t.Error("the version a claim was refused for is chosen again")

@@ -436,9 +436,12 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 		}
 		setCondition(am, ConditionHostClaimed, false, reasonNoMatchingHost, msg)
 		setCondition(am, clusterv1.ReadyCondition, false, reasonNoMatchingHost, msg)
-		if len(ledger.claiming) > 0 || len(ledger.stale) > 0 {
-			// Hosts passed over while a claim of them is in flight, or until the cache has
-			// their latest version, may be free in a moment, and no event says so.
+		unreserved := req
+		unreserved.Claimed = nil
+		if r.claimable.Choose(am.Namespace, unreserved).Host != nil {
+			// A host that fits was passed over only while a claim of it is in flight, or
+			// until the cache has its latest version: it may be free in a moment, and no
+			// event says so.
 			return nil, ctrl.Result{RequeueAfter: time.Second}, nil
 		}
 		return nil, ctrl.Result{RequeueAfter: time.Minute}, nil
@@ -470,13 +473,13 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	host.Annotations[BlockMoveAnnotation] = "true"
 	chosenVersion := host.ResourceVersion
 	if err := r.Client.Update(ctx, host); err != nil {
-		r.claims.release(key)
 		if apierrors.IsConflict(err) {
-			r.claims.markStale(key, chosenVersion)
+			r.claims.refused(key, am.UID, chosenVersion)
 			// Someone else changed the host first: choose again soon, with jitter so racing
 			// machines spread out.
 			return nil, ctrl.Result{RequeueAfter: time.Duration(50+rand.IntN(200)) * time.Millisecond}, nil //nolint:gosec // jitter
 		}
+		r.claims.release(key, am.UID)
 		return nil, ctrl.Result{}, err
 	}
 	ctrl.LoggerFrom(ctx).Info("claimed host", "host", host.Name, "reason", choice.Explain())

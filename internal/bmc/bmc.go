@@ -57,8 +57,11 @@ type Target struct {
 	Address  Address
 	Username string
 	Password string
-	// CAPool verifies the BMC's certificate; nil means the system trust store.
-	CAPool *x509.CertPool
+	// CAPool verifies the BMC's certificate; nil means the system trust store. CADigest
+	// identifies its content (e.g. a hash of the PEM), so a rotated bundle opens a new session
+	// rather than resuming one verified against the old bundle.
+	CAPool   *x509.CertPool
+	CADigest string
 	// InsecureSkipVerify is only ever set from the host's explicit spec field.
 	InsecureSkipVerify bool
 	// Timeout bounds every single call to the BMC.
@@ -68,11 +71,11 @@ type Target struct {
 	ConnIdleTimeout time.Duration
 }
 
-// fingerprint identifies the credentials and endpoint a session was opened with, so a
-// changed Secret (rotation) or address opens a new session. The password enters only as a
+// fingerprint identifies the credentials, endpoint and CA bundle a session was opened with,
+// so a changed Secret (rotation) or address opens a new session. The password enters only as a
 // hash and the fingerprint is never logged.
 func (t Target) fingerprint() string {
-	sum := sha256.Sum256([]byte(t.Address.String() + "\x00" + t.Username + "\x00" + t.Password))
+	sum := sha256.Sum256([]byte(t.Address.String() + "\x00" + t.Username + "\x00" + t.Password + "\x00" + t.CADigest))
 	tls := "verify"
 	if t.InsecureSkipVerify {
 		tls = "insecure"

@@ -28,7 +28,7 @@ func newHTTPTransport(t Target) *http.Transport {
 		// resumes the TLS session instead of a full handshake, which spares the BMC's slow CPU
 		// a signature and us a certificate-chain verification every poll. A resumed session
 		// is bound to the certificate verified when it began, and a new CA bundle means a new
-		// transport, so a new cache.
+		// session (Target.CADigest is in its fingerprint), so a new transport and cache.
 		ClientSessionCache: tls.NewLRUClientSessionCache(1),
 	}
 	// One connection per BMC: the pool runs one operation at a time per BMC, and gofish, which

@@ -52,3 +52,14 @@ func TestBMCConnectionsResumeTLSSessions(t *testing.T) {
 		t.Fatalf("%d of %d handshakes resumed, want the 2 after the first verified one", got, handshakes.Load())
 	}
 }
+
+// TestRotatedCABundleOpensANewSession: the session (and its TLS session cache) belongs to the
+// CA bundle it was verified with; a different bundle gives a different fingerprint.
+func TestRotatedCABundleOpensANewSession(t *testing.T) {
+	before := Target{Username: "u", Password: "p", CADigest: "old"}
+	after := before
+	after.CADigest = "new"
+	if before.fingerprint() == after.fingerprint() {
+		t.Fatal("a rotated CA bundle keeps the session opened with the old one")
+	}
+}
