@@ -1,5 +1,6 @@
 // Package apimeter holds what the benchmarks share to account for their runs: how an API
-// request is named (verb and resource) and how much CPU the whole machine spent.
+// request is named (verb and resource), how much CPU the whole machine and each of the
+// benchmark's processes spent, and their memory.
 package apimeter
 
 import (

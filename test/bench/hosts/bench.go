@@ -529,7 +529,7 @@ func takeSnapshot(ctx context.Context, mgrAddr, bmcAddr string, names map[int]st
 	if err := getJSON(ctx, bmcAddr, "/stats", &s.bmc); err != nil {
 		return s, fmt.Errorf("BMC stats: %w", err)
 	}
-	s.cpu = cpuByProcess(names)
+	s.cpu = apimeter.CPUByProcess("bench (host creation, watch)", names)
 	s.machineBusy = apimeter.MachineBusySeconds()
 	return s, nil
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/anvil-metal/cluster-api-provider-anvil/controllers"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/bmc"
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/hoststate"
+	"github.com/anvil-metal/cluster-api-provider-anvil/test/bench/apimeter"
 )
 
 // leaderElectionID is cmd/manager's.
@@ -148,7 +149,7 @@ func runManager(ctx context.Context, spec childSpec) error {
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, r *http.Request) {
-		st := managerStats{API: counter.snapshot(), RSSKiB: residentKiB(), HWMKiB: procStatusKiB("self", "VmHWM"),
+		st := managerStats{API: counter.snapshot(), RSSKiB: residentKiB(), HWMKiB: apimeter.StatusKiB("self", "VmHWM"),
 			SampledPeakKiB: sampler.peak(r.URL.Query().Get("reset") == "1"), Goroutines: runtime.NumGoroutine(),
 			CPUSeconds: selfCPUSeconds(), OpenSessions: pool.OpenSessions()}
 		var ms runtime.MemStats

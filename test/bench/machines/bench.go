@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -178,7 +179,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer mgr.stop()
-	res.progressf("kube-apiserver, %d emulated BMCs and cmd/manager (pid %s) running", cfg.Hosts, mgr.pid())
+	res.progressf("kube-apiserver, %d emulated BMCs and cmd/manager (pid %d) running", cfg.Hosts, mgr.pid())
 
 	c := env.Client
 	tr, err := startTracker(ctx, env.Config, env.Client.Scheme())
@@ -192,8 +193,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	// Phase 1: hosts arrive and are onboarded.
 	base := proxy.snapshot()
 	busy0 := apimeter.MachineBusySeconds()
-	labels := map[string]string{mgr.pid(): "manager", bmcs.pid(): "BMC emulators"}
-	cpu0 := childCPU(labels)
+	labels := map[int]string{mgr.pid(): "manager", bmcs.pid(): "BMC emulators"}
+	cpu0 := cpuByProcess(labels)
 	t0 := time.Now()
 	if cfg.APIServerProfile > 0 {
 		profileAPIServer(ctx, env.Config, cfg.APIServerProfile, dir, "onboarding", res.progressf)
@@ -223,7 +224,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.progressf("created %d Clusters, AnvilClusters and %d Machines in %s (before the window)", cfg.Clusters, cfg.Machines, res.CreateOwners.Round(100*time.Millisecond))
 	beforeMachines := proxy.snapshot()
 	res.OwnerWrites = beforeMachines.minus(afterOnboard)
-	cpu1 := childCPU(labels)
+	cpu1 := cpuByProcess(labels)
 	busy1 := apimeter.MachineBusySeconds()
 	t1 = time.Now()
 	if cfg.APIServerProfile > 0 {
@@ -241,12 +242,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Provisioned, res.EndToEnd = now.Sub(t1), now.Sub(t0)
 	res.ProvisionedCount = int(tr.provisioned.Load())
 	res.Provision = proxy.snapshot().minus(afterOnboard)
-	res.PeakRSSKiB = statusKiB(mgr.pid(), "VmHWM")
-	res.CPU = childCPU(labels)
+	res.PeakRSSKiB = apimeter.StatusKiB(strconv.Itoa(mgr.pid()), "VmHWM")
+	res.CPU = cpuByProcess(labels)
 	for p, v := range cpu0 {
 		res.CPU[p] -= v
 	}
-	res.WindowCPU = childCPU(labels)
+	res.WindowCPU = cpuByProcess(labels)
 	for p, v := range cpu1 {
 		res.WindowCPU[p] -= v
 	}
@@ -473,7 +474,7 @@ func waitFor(ctx context.Context, mgr *process, res *Result, what string, want i
 		if time.Since(last) >= 10*time.Second {
 			last = time.Now()
 			res.progressf("  %d/%d %s after %s; manager RSS %d MiB", n, want, what, time.Since(start).Round(time.Second),
-				statusKiB(mgr.pid(), "VmRSS")>>10)
+				apimeter.StatusKiB(strconv.Itoa(mgr.pid()), "VmRSS")>>10)
 		}
 		select {
 		case <-ctx.Done():

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/anvil-metal/cluster-api-provider-anvil/internal/vbmc/redfish"
+	"github.com/anvil-metal/cluster-api-provider-anvil/test/bench/apimeter"
 )
 
 // bmcChildEnv, when set, makes this binary serve emulated BMCs instead of running the
@@ -152,7 +153,7 @@ func start(name string, cmd *exec.Cmd, dir string) (*process, error) {
 	return p, nil
 }
 
-func (p *process) pid() string { return strconv.Itoa(p.cmd.Process.Pid) }
+func (p *process) pid() int { return p.cmd.Process.Pid }
 
 // exited reports whether the process died early.
 func (p *process) exited() error {
@@ -204,73 +205,10 @@ func repoRoot() (string, error) {
 	return filepath.Dir(mod), nil
 }
 
-// statusKiB reads a "kB" field (VmRSS, VmHWM) of /proc/<pid>/status.
-func statusKiB(pid, field string) int64 {
-	f, err := os.Open(filepath.Join("/proc", pid, "status"))
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
-			v, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-			return v
-		}
-	}
-	return 0
-}
-
-// cpuSeconds is a process's user+system time from /proc/<pid>/stat.
-func cpuSeconds(pid string) float64 {
-	raw, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
-	if err != nil {
-		return 0
-	}
-	s := string(raw)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return 0
-	}
-	u, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (u + st) / 100 // USER_HZ
-}
-
-// childCPU sums the CPU seconds of this process's children by command name (kube-apiserver,
-// etcd) or by the name labels gives their pid, plus this process itself.
-func childCPU(labels map[string]string) map[string]float64 {
-	out := map[string]float64{"bench (creates, watches, proxy)": cpuSeconds("self")}
-	self := strconv.Itoa(os.Getpid())
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
-			continue
-		}
-		raw, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(raw)
-		open, closing := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-		if open < 0 || closing < open {
-			continue
-		}
-		f := strings.Fields(s[closing+1:])
-		if len(f) < 2 || f[1] != self {
-			continue
-		}
-		name := s[open+1 : closing]
-		if l, ok := labels[e.Name()]; ok {
-			name = l
-		}
-		out[name] += cpuSeconds(e.Name())
-	}
-	return out
+// cpuByProcess is CPU seconds by process: this one (which also creates the objects, watches
+// them and runs the counting proxy) and its children.
+func cpuByProcess(labels map[int]string) map[string]float64 {
+	return apimeter.CPUByProcess("bench (creates, watches, proxy)", labels)
 }
 
 // loadAverage is the 1, 5 and 15 minute load averages of /proc/loadavg.
