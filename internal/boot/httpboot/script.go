@@ -141,7 +141,10 @@ func renderAgent(b *strings.Builder, a *AgentBoot) error {
 		// Never echo the value: it is a secret.
 		return errors.New("boot token has characters outside [A-Za-z0-9._-] or is too long")
 	}
-	args := []string{"initrd=initramfs", agentapi.KernelParamAPI + "=" + api, agentapi.KernelParamToken + "=" + a.Token}
+	// quiet keeps the kernel from printing its command line, and with it the token, on the
+	// consoles (serial consoles are often logged by the BMC); the agent's own output still
+	// shows. An operator's loglevel= among ExtraArgs comes later and wins.
+	args := []string{"initrd=initramfs", "quiet", agentapi.KernelParamAPI + "=" + api, agentapi.KernelParamToken + "=" + a.Token}
 	if a.CAFingerprint != "" {
 		if !caRE.MatchString(a.CAFingerprint) {
 			return errors.New("CA fingerprint must be sha256:<64 lowercase hex digits>")

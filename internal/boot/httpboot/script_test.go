@@ -2,6 +2,7 @@ package httpboot
 
 import (
 	"net"
+	"slices"
 	"strings"
 	"testing"
 
@@ -127,7 +128,7 @@ func sampleAgent() *AgentBoot {
 		Host:      types.NamespacedName{Namespace: "lab", Name: "server-a"},
 		KernelURL: "http://192.168.10.1:8080/artifacts/vmlinuz", InitrdURL: "http://192.168.10.1:8080/artifacts/initramfs",
 		APIURL: "https://boot.example:8443", Token: "v1.AbC-_9.xyz", Console: []string{"tty0", "ttyS1,115200n8"},
-		CAFingerprint: "sha256:" + strings.Repeat("ab", 32), ExtraArgs: []string{"quiet", "loglevel=3"},
+		CAFingerprint: "sha256:" + strings.Repeat("ab", 32), ExtraArgs: []string{"loglevel=3"},
 		RetryURL: "http://192.168.10.1:8080/ipxe/mac/52-54-00-12-34-56",
 	}
 }
@@ -139,7 +140,7 @@ func TestRenderAgentScript(t *testing.T) {
 	}
 	want := `#!ipxe
 echo Anvil: booting the agent for lab/server-a
-kernel --name vmlinuz http://192.168.10.1:8080/artifacts/vmlinuz initrd=initramfs anvil.api=https://boot.example:8443 anvil.token=v1.AbC-_9.xyz anvil.ca=sha256:abababababababababababababababababababababababababababababababab console=tty0 console=ttyS1,115200n8 quiet loglevel=3 || goto anvil_retry
+kernel --name vmlinuz http://192.168.10.1:8080/artifacts/vmlinuz initrd=initramfs quiet anvil.api=https://boot.example:8443 anvil.token=v1.AbC-_9.xyz anvil.ca=sha256:abababababababababababababababababababababababababababababababab console=tty0 console=ttyS1,115200n8 loglevel=3 || goto anvil_retry
 initrd --name initramfs http://192.168.10.1:8080/artifacts/initramfs || goto anvil_retry
 boot || goto anvil_retry
 :anvil_retry
@@ -340,7 +341,7 @@ func FuzzRenderScript(f *testing.F) {
 			}
 		}
 		k := lines[2].cmds[0].argv
-		wantArgs := 3 + 1 + len(s.Agent.Console) + len(s.Agent.ExtraArgs) // initrd, api, token, [ca]
+		wantArgs := 4 + 1 + len(s.Agent.Console) + len(s.Agent.ExtraArgs) // initrd, quiet, api, token, [ca]
 		if ca == "" {
 			wantArgs--
 		}
@@ -375,4 +376,25 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// The kernel prints its command line (with the boot token) at notice level; quiet keeps that
+// off the consoles, which BMCs often log, unless the operator asks for a louder loglevel.
+func TestAgentCmdlineKeepsTheTokenOffTheConsole(t *testing.T) {
+	a := sampleAgent()
+	a.ExtraArgs = nil
+	b, err := RenderScript(Script{Action: ActionAgent, Agent: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := parseIPXE(t, string(b))[2].cmds[0].argv
+	quiet, token := slices.Index(k, "quiet"), slices.IndexFunc(k, func(s string) bool { return strings.HasPrefix(s, "anvil.token=") })
+	if quiet < 0 || token < 0 || quiet > token {
+		t.Fatalf("kernel argv %q: want quiet ahead of the token", k)
+	}
+	for _, arg := range k {
+		if strings.HasPrefix(arg, "loglevel=") || arg == "debug" {
+			t.Fatalf("kernel argv %q raises the console loglevel by default", k)
+		}
+	}
 }

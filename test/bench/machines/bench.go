@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -63,6 +64,8 @@ type Config struct {
 	// APIServerProfile, when positive, records a CPU profile of the kube-apiserver this long
 	// at the start of each phase into Dir (apiserver-onboarding.pprof, apiserver-provisioning.pprof).
 	APIServerProfile time.Duration
+	// APIServerProfileDelay starts the provisioning phase's profile this long into the window.
+	APIServerProfileDelay time.Duration
 }
 
 // DefaultConfig is the benchmark: 5,000 hosts and 5,000 machines.
@@ -109,6 +112,10 @@ type Result struct {
 	WriteLatency map[string]time.Duration
 	// ManagerEnv is the environment config/manager/manager.yaml gives the manager.
 	ManagerEnv []string
+	// HostBytes and MachineBytes are the mean size of a stored AnvilHost and AnvilMachine
+	// as JSON at the end (what the API server decodes and encodes on every write to one), and
+	// HostManagedFieldsBytes, MachineManagedFieldsBytes the part of it that is managedFields.
+	HostBytes, HostManagedFieldsBytes, MachineBytes, MachineManagedFieldsBytes int
 }
 
 // WritesPerHost is the manager's writes (any outcome) per host, end to end.
@@ -197,7 +204,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	cpu0 := cpuByProcess(labels)
 	t0 := time.Now()
 	if cfg.APIServerProfile > 0 {
-		profileAPIServer(ctx, env.Config, cfg.APIServerProfile, dir, "onboarding", res.progressf)
+		profileAPIServer(ctx, env.Config, 0, cfg.APIServerProfile, dir, "onboarding", res.progressf)
 	}
 	if err := createHosts(ctx, c, cfg, ready); err != nil {
 		return nil, err
@@ -228,7 +235,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	busy1 := apimeter.MachineBusySeconds()
 	t1 = time.Now()
 	if cfg.APIServerProfile > 0 {
-		profileAPIServer(ctx, env.Config, cfg.APIServerProfile, dir, "provisioning", res.progressf)
+		profileAPIServer(ctx, env.Config, cfg.APIServerProfileDelay, cfg.APIServerProfile, dir, "provisioning", res.progressf)
 	}
 	if err := createAnvilMachines(ctx, c, cfg, owners, tr); err != nil {
 		return res, err
@@ -258,7 +265,64 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Latencies = tr.latencies()
 	res.WriteLatency = proxy.writeLatencies()
 	res.Problems, err = checkClaims(ctx, c, cfg)
+	if err != nil {
+		return res, err
+	}
+	err = measureObjects(ctx, c, res, dir)
 	return res, err
+}
+
+// measureObjects records the mean stored size of hosts and machines, and with -dir writes
+// the first of each there (host-sample.json, machine-sample.json) to show what is stored.
+func measureObjects(ctx context.Context, c client.Client, res *Result, dir string) error {
+	hosts := &infrav1.AnvilHostList{}
+	if err := c.List(ctx, hosts, client.InNamespace(benchNamespace)); err != nil {
+		return err
+	}
+	machines := &infrav1.AnvilMachineList{}
+	if err := c.List(ctx, machines, client.InNamespace(benchNamespace)); err != nil {
+		return err
+	}
+	objs := func(n int, at func(int) client.Object) []client.Object {
+		out := make([]client.Object, n)
+		for i := range out {
+			out[i] = at(i)
+		}
+		return out
+	}
+	var err error
+	res.HostBytes, res.HostManagedFieldsBytes, err = meanSizes(objs(len(hosts.Items), func(i int) client.Object { return &hosts.Items[i] }),
+		filepath.Join(dir, "host-sample.json"), res.Config.Dir != "")
+	if err != nil {
+		return err
+	}
+	res.MachineBytes, res.MachineManagedFieldsBytes, err = meanSizes(objs(len(machines.Items), func(i int) client.Object { return &machines.Items[i] }),
+		filepath.Join(dir, "machine-sample.json"), res.Config.Dir != "")
+	return err
+}
+
+func meanSizes(objs []client.Object, samplePath string, writeSample bool) (total, managedFields int, err error) {
+	if len(objs) == 0 {
+		return 0, 0, nil
+	}
+	for i, o := range objs {
+		raw, err := json.Marshal(o)
+		if err != nil {
+			return 0, 0, err
+		}
+		mf, err := json.Marshal(o.GetManagedFields())
+		if err != nil {
+			return 0, 0, err
+		}
+		total += len(raw)
+		managedFields += len(mf)
+		if i == 0 && writeSample {
+			if err := os.WriteFile(samplePath, raw, 0o600); err != nil {
+				return 0, 0, err
+			}
+		}
+	}
+	return total / len(objs), managedFields / len(objs), nil
 }
 
 // startManager runs cmd/manager as deployed, with the simulated provisioner, against the

@@ -53,6 +53,7 @@ func main() {
 	fs.DurationVar(&cfg.Timeout, "timeout", cfg.Timeout, "Give up after this long.")
 	fs.StringVar(&cfg.Dir, "dir", "", "Keep the manager's binary, log and kubeconfig here.")
 	fs.DurationVar(&cfg.APIServerProfile, "apiserver-profile", 0, "Record a kube-apiserver CPU profile this long at the start of each phase into -dir (e.g. 30s).")
+	fs.DurationVar(&cfg.APIServerProfileDelay, "apiserver-profile-delay", 0, "Start the provisioning phase's kube-apiserver profile this long into the window.")
 	_ = fs.Parse(os.Args[1:])
 	cfg.Machines = cfg.Hosts
 	if *machines > 0 {

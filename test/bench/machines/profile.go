@@ -12,11 +12,16 @@ import (
 )
 
 // profileAPIServer records a CPU profile of the kube-apiserver (its /debug/pprof, on by
-// default; the benchmark's client is envtest's admin) for the given duration, starting now, into
-// dir/apiserver-<phase>.pprof. It runs in the background and reports where it wrote, or why
-// it could not, on progress.
-func profileAPIServer(ctx context.Context, cfg *rest.Config, d time.Duration, dir, phase string, progress func(string, ...any)) {
+// default; the benchmark's client is envtest's admin) for the given duration, starting after
+// delay, into dir/apiserver-<phase>.pprof. It runs in the background and reports where it
+// wrote, or why it could not, on progress.
+func profileAPIServer(ctx context.Context, cfg *rest.Config, delay, d time.Duration, dir, phase string, progress func(string, ...any)) {
 	go func() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
 		path := filepath.Join(dir, "apiserver-"+phase+".pprof")
 		if err := fetchProfile(ctx, cfg, d, path); err != nil {
 			progress("kube-apiserver profile (%s): %v", phase, err)

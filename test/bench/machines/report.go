@@ -99,9 +99,19 @@ func (r *Result) Print(w io.Writer) {
 		for _, v := range r.WindowCPU {
 			win += v
 		}
-		fmt.Fprintf(w, "  provisioning window (%s, %.0f CPU s): kube-apiserver %.0f s for %d writes (%.1f ms each, watches and reads included), %.0f writes/s; manager %.0f s; other work on the machine %.0f s\n",
+		fmt.Fprintf(w, "  provisioning window (%s, %.0f CPU s): kube-apiserver %.0f s for %d writes (%.1f ms each, watches and reads included), %.0f writes/s;",
 			r.Provisioned.Round(time.Second), float64(runtime.NumCPU())*r.Provisioned.Seconds(), api, r.WindowWrites, 1000*api/float64(r.WindowWrites),
-			float64(r.WindowWrites)/r.Provisioned.Seconds(), r.WindowCPU["manager"], max(0, r.WindowMachineBusy-win))
+			float64(r.WindowWrites)/r.Provisioned.Seconds())
+		for _, p := range procs {
+			if p != "kube-apiserver" {
+				fmt.Fprintf(w, " %s %.0f s;", p, r.WindowCPU[p])
+			}
+		}
+		fmt.Fprintf(w, " other work on the machine %.0f s\n", max(0, r.WindowMachineBusy-win))
+	}
+	if r.HostBytes > 0 {
+		fmt.Fprintf(w, "  stored objects (JSON, mean): AnvilHost %.1f KiB (managedFields %.1f KiB), AnvilMachine %.1f KiB (managedFields %.1f KiB)\n",
+			float64(r.HostBytes)/1024, float64(r.HostManagedFieldsBytes)/1024, float64(r.MachineBytes)/1024, float64(r.MachineManagedFieldsBytes)/1024)
 	}
 	if r.Load != "" {
 		fmt.Fprintf(w, "  load average at the end: %s\n", r.Load)
