@@ -99,10 +99,10 @@ type AnvilMachineStatus struct {
 	FailureDomain string `json:"failureDomain,omitempty"`
 
 	// conditions: Ready, HostClaimed, HostProvisioned, NodeIdentity (only once a Node of the
-	// host's name had another machine's providerID).
+	// host's name had another machine's providerID). The list is atomic: the machine
+	// controller alone writes it, always whole.
 	// +optional
-	// +listType=map
-	// +listMapKey=type
+	// +listType=atomic
 	// +kubebuilder:validation:MaxItems=32
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
