@@ -168,13 +168,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	proxy, err := startProxy(managerCfg)
-	if err != nil {
-		return nil, err
-	}
-	defer proxy.stop()
 	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := writeKubeconfig(kubeconfig, proxy.URL); err != nil {
+	if err := writeKubeconfig(kubeconfig, managerCfg); err != nil {
 		return nil, err
 	}
 	res.ManagerEnv, err = deployedEnv()
@@ -188,8 +183,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	defer mgr.stop()
 	res.progressf("kube-apiserver, %d emulated BMCs and cmd/manager (pid %d) running", cfg.Hosts, mgr.pid())
 
-	c := env.Client
-	tr, err := startTracker(ctx, env.Config, env.Client.Scheme())
+	// The benchmark's own requests are counted so that the API server's counts less them
+	// are the manager's.
+	counter := &benchCounter{}
+	benchCfg := counter.wrap(env.Config)
+	c, err := client.New(benchCfg, client.Options{Scheme: env.Client.Scheme()})
+	if err != nil {
+		return nil, err
+	}
+	meter := &managerMeter{admin: env.Config, bench: counter}
+	tr, err := startTracker(ctx, benchCfg, env.Client.Scheme())
 	if err != nil {
 		return nil, err
 	}
@@ -198,7 +201,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 
 	// Phase 1: hosts arrive and are onboarded.
-	base := proxy.snapshot()
+	base, err := meter.snapshot(ctx)
+	if err != nil {
+		return nil, err
+	}
 	busy0 := apimeter.MachineBusySeconds()
 	labels := map[int]string{mgr.pid(): "manager", bmcs.pid(): "BMC emulators"}
 	cpu0 := cpuByProcess(labels)
@@ -215,7 +221,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return res, err
 	}
 	res.HostsAvailable = time.Since(t0)
-	afterOnboard := proxy.snapshot()
+	afterOnboard, err := meter.snapshot(ctx)
+	if err != nil {
+		return res, err
+	}
 	res.Onboard = afterOnboard.minus(base)
 
 	// Phase 2: machines claim hosts and are provisioned. Cluster API's objects come first,
@@ -229,7 +238,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	res.CreateOwners = time.Since(t1)
 	res.progressf("created %d Clusters, AnvilClusters and %d Machines in %s (before the window)", cfg.Clusters, cfg.Machines, res.CreateOwners.Round(100*time.Millisecond))
-	beforeMachines := proxy.snapshot()
+	beforeMachines, err := meter.snapshot(ctx)
+	if err != nil {
+		return res, err
+	}
 	res.OwnerWrites = beforeMachines.minus(afterOnboard)
 	cpu1 := cpuByProcess(labels)
 	busy1 := apimeter.MachineBusySeconds()
@@ -248,7 +260,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	now := time.Now()
 	res.Provisioned, res.EndToEnd = now.Sub(t1), now.Sub(t0)
 	res.ProvisionedCount = int(tr.provisioned.Load())
-	res.Provision = proxy.snapshot().minus(afterOnboard)
+	final, err := meter.snapshot(ctx)
+	if err != nil {
+		return res, err
+	}
+	res.Provision = final.minus(afterOnboard)
 	res.PeakRSSKiB = apimeter.StatusKiB(strconv.Itoa(mgr.pid()), "VmHWM")
 	res.CPU = cpuByProcess(labels)
 	for p, v := range cpu0 {
@@ -263,7 +279,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.WindowWrites = res.Provision.minus(res.OwnerWrites).writes() + int64(cfg.Machines)
 	res.Load = loadAverage()
 	res.Latencies = tr.latencies()
-	res.WriteLatency = proxy.writeLatencies()
+	res.WriteLatency = meter.writeLatencies()
 	res.Problems, err = checkClaims(ctx, c, cfg)
 	if err != nil {
 		return res, err
@@ -326,7 +342,7 @@ func meanSizes(objs []client.Object, samplePath string, writeSample bool) (total
 }
 
 // startManager runs cmd/manager as deployed, with the simulated provisioner, against the
-// counting proxy. Leader election is off: outside a cluster it needs a namespace that
+// API server with its ServiceAccount token. Leader election is off: outside a cluster it needs a namespace that
 // cmd/manager takes from the pod it runs in.
 func startManager(bin, kubeconfig string, env []string, cfg Config, dir string) (*process, error) {
 	args := []string{"--provisioner=simulated", "--webhooks=false", "--leader-elect=false",
@@ -377,11 +393,11 @@ func deployedEnv() ([]string, error) {
 	return out, nil
 }
 
-// writeKubeconfig points the manager at the proxy, which adds the credentials.
-func writeKubeconfig(path, server string) error {
+// writeKubeconfig gives the manager the API server and its ServiceAccount token.
+func writeKubeconfig(path string, cfg *rest.Config) error {
 	kc := clientcmdapi.NewConfig()
-	kc.Clusters["bench"] = &clientcmdapi.Cluster{Server: server}
-	kc.AuthInfos["bench"] = &clientcmdapi.AuthInfo{}
+	kc.Clusters["bench"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData, CertificateAuthority: cfg.CAFile}
+	kc.AuthInfos["bench"] = &clientcmdapi.AuthInfo{Token: cfg.BearerToken}
 	kc.Contexts["bench"] = &clientcmdapi.Context{Cluster: "bench", AuthInfo: "bench"}
 	kc.CurrentContext = "bench"
 	return clientcmd.WriteToFile(*kc, path)

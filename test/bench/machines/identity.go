@@ -27,7 +27,7 @@ const (
 // to config/rbac/role.yaml's ClusterRole. envtest's admin identity is a client certificate of
 // system:masters, which the API server verifies on every request (about 5 % of its CPU in
 // this benchmark) and which skips RBAC; a deployed manager pays neither. It returns the
-// configuration the counting proxy forwards with.
+// manager's configuration.
 func managerIdentity(ctx context.Context, admin *rest.Config) (*rest.Config, error) {
 	root, err := repoRoot()
 	if err != nil {

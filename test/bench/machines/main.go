@@ -10,11 +10,11 @@
 //   - kube-apiserver and etcd, as envtest runs them (internal/mgmtplane);
 //   - a child process serving the emulated BMCs (this binary re-executed);
 //   - cmd/manager, built from this tree and run as deployed (--provisioner=simulated, no
-//     webhooks, no leader election) with a ServiceAccount token bound to config/rbac, whose
-//     API server is a counting proxy in this process:
-//     every request it makes is counted by verb and resource. Its VmHWM is the peak RSS.
+//     webhooks, no leader election) with a ServiceAccount token bound to config/rbac, straight
+//     to the API server. Its requests are the API server's own request metrics by verb and
+//     resource, less this process's requests. Its VmHWM is the peak RSS.
 //   - this process: creates the Secrets, hosts, Clusters, Machines and AnvilMachines with its
-//     own client (not counted) and follows them with its own informers.
+//     own client (counted, to be taken off) and follows them with its own informers.
 //
 // Cluster API's controllers do not run: the benchmark creates Machines with bootstrap data as
 // they would, and nothing but Anvil writes to them. The exit status is non-zero only when the

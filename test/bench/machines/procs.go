@@ -205,10 +205,10 @@ func repoRoot() (string, error) {
 	return filepath.Dir(mod), nil
 }
 
-// cpuByProcess is CPU seconds by process: this one (which also creates the objects, watches
-// them and runs the counting proxy) and its children.
+// cpuByProcess is CPU seconds by process: this one (which also creates the objects and
+// watches them) and its children.
 func cpuByProcess(labels map[int]string) map[string]float64 {
-	return apimeter.CPUByProcess("bench (creates, watches, proxy)", labels)
+	return apimeter.CPUByProcess("bench (creates, watches)", labels)
 }
 
 // loadAverage is the 1, 5 and 15 minute load averages of /proc/loadavg.

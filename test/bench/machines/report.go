@@ -61,7 +61,7 @@ func (r *Result) Print(w io.Writer) {
 		fmt.Fprintf(w, "  machine created → provisioned: p50 %s, p90 %s, max %s; %.0f machines/min\n", pct(0.5), pct(0.9), r.Latencies[n-1].Round(100*time.Millisecond),
 			float64(cfg.Machines)/r.Provisioned.Minutes())
 	}
-	fmt.Fprintf(w, "  writes by request (per host), onboarding | provisioning:\n")
+	fmt.Fprintf(w, "  writes by request (per host), onboarding | provisioning (mean time in the API server):\n")
 	rows := map[string][2]float64{}
 	var names []string
 	for i, c := range []apiCounts{r.Onboard, r.Provision} {
@@ -117,7 +117,7 @@ func (r *Result) Print(w io.Writer) {
 		fmt.Fprintf(w, "  load average at the end: %s\n", r.Load)
 	}
 	if len(procs) > 0 {
-		fmt.Fprintf(w, "  largest CPU user: %s (%.0f%% of this run's CPU); writes took %s on average as the manager saw them\n",
+		fmt.Fprintf(w, "  largest CPU user: %s (%.0f%% of this run's CPU); writes took %s on average in the API server\n",
 			procs[0], 100*r.CPU[procs[0]]/max(ours, 1), r.meanWriteLatency().Round(time.Millisecond))
 	}
 }
