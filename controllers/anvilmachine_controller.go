@@ -284,19 +284,41 @@ func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request
 	if !am.DeletionTimestamp.IsZero() {
 		return r.reconcileDelete(ctx, cluster.Name, am)
 	}
-	// The finalizer is persisted before any claim, so no machine can vanish without
-	// releasing its host; the reconcile then goes on from what the API server returned.
-	// A machine that had no finalizer (nor a providerID, as a machine restored without its
-	// finalizers would have) has therefore never claimed a host.
+	// The finalizer is persisted before any claim (with the providerID of the host about to
+	// be claimed, in one write: see persistClaimIntent), so no machine can vanish without
+	// releasing its host. A machine that had no finalizer (nor a providerID, as a machine
+	// restored without its finalizers would have) has therefore never claimed a host.
 	neverClaimed := controllerutil.AddFinalizer(am, infrav1.MachineFinalizer) && am.Spec.ProviderID == nil
-	if controllerutil.ContainsFinalizer(am, infrav1.MachineFinalizer) && !controllerutil.ContainsFinalizer(before, infrav1.MachineFinalizer) {
-		if _, err := patchMachine(ctx, r.Client, before, am); err != nil {
-			return ctrl.Result{}, err
+	intent := func(providerID string) error {
+		am.Spec.ProviderID = &providerID
+		if equality.Semantic.DeepEqual(before.ObjectMeta, am.ObjectMeta) && equality.Semantic.DeepEqual(before.Spec, am.Spec) {
+			return nil
+		}
+		if err := persistClaimIntent(ctx, r.Client, before, am); err != nil {
+			return err
 		}
 		r.writes.remember(req.NamespacedName, am.ResourceVersion)
+		stored := before.Status
 		before = am.DeepCopy()
+		before.Status = stored
+		return nil
 	}
-	return r.reconcileNormal(ctx, cluster, machine, am, neverClaimed)
+	return r.reconcileNormal(ctx, cluster, machine, am, neverClaimed, intent)
+}
+
+// persistClaimIntent writes a machine's metadata and spec (its finalizer and the providerID of
+// the host it is about to claim) ahead of the claim, with the resourceVersion read, and leaves
+// its status to the patch at the end of the reconcile. The providerID rides on the finalizer's
+// write rather than costing one of its own once the host is provisioned.
+func persistClaimIntent(ctx context.Context, c client.Client, before, am *infrav1.AnvilMachine) error {
+	status := am.Status.DeepCopy()
+	am.Status = *before.Status.DeepCopy()
+	err := c.Patch(ctx, am, client.MergeFromWithOptions(before, client.MergeFromWithOptimisticLock{}))
+	am.Status = *status // the response carried the stored status; ours is still to be written
+	if err != nil {
+		return fmt.Errorf("patching AnvilMachine %s before claiming a host: %w", am.Name, err)
+	}
+	return nil
 }
 
 // setNotPaused records that the machine is reconciled (the pause path writes Paused=True).
@@ -306,7 +328,11 @@ func setNotPaused(am *infrav1.AnvilMachine) {
 		Reason: clusterv1.NotPausedReason, ObservedGeneration: am.Generation})
 }
 
-func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine, neverClaimed bool) (ctrl.Result, error) {
+// claimIntent persists the machine's finalizer and the providerID of the host it is about to
+// claim (one write, none when both are stored already).
+type claimIntent func(providerID string) error
+
+func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine, neverClaimed bool, intent claimIntent) (ctrl.Result, error) {
 	if machine.Spec.Bootstrap.DataSecretName == nil {
 		setCondition(am, ConditionHostClaimed, false, "WaitingForBootstrapData", "waiting for the Machine's bootstrap data Secret")
 		setCondition(am, clusterv1.ReadyCondition, false, "WaitingForBootstrapData", "waiting for the Machine's bootstrap data Secret")
@@ -322,7 +348,7 @@ func (r *AnvilMachineReconciler) reconcileNormal(ctx context.Context, cluster *c
 	}
 	if host == nil {
 		var result ctrl.Result
-		host, result, err = r.claimHost(ctx, cluster, machine, am)
+		host, result, err = r.claimHost(ctx, cluster, machine, am, intent)
 		if err != nil || host == nil {
 			return result, err
 		}
@@ -388,7 +414,7 @@ func (r *AnvilMachineReconciler) syncImage(ctx context.Context, host *infrav1.An
 // claimHost chooses and claims a host with an update that carries the host's
 // resourceVersion: if anyone changed the host since we read it, the update fails and we
 // choose again. No lock is held; two machines can never both win one host.
-func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine) (*infrav1.AnvilHost, ctrl.Result, error) {
+func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *clusterv1.Cluster, machine *clusterv1.Machine, am *infrav1.AnvilMachine, intent claimIntent) (*infrav1.AnvilHost, ctrl.Result, error) {
 	if !r.claimableSynced() {
 		return nil, ctrl.Result{RequeueAfter: time.Second}, nil
 	}
@@ -452,6 +478,10 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	if !r.claims.reserve(key, am.UID, host.ResourceVersion) {
 		// Another reconcile took it between the snapshot and now: choose again at once.
 		return nil, ctrl.Result{RequeueAfter: time.Millisecond}, nil
+	}
+	if err := intent(providerIDFor(host)); err != nil {
+		r.claims.release(key, am.UID)
+		return nil, ctrl.Result{}, err
 	}
 	host.Spec.Claim = &infrav1.HostClaim{
 		MachineRef:             infrav1.MachineReference{Name: am.Name, UID: am.UID},

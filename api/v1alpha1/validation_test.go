@@ -293,7 +293,7 @@ func TestMachineValidation(t *testing.T) {
 		expectRejected(t, err, "spec.template.spec.image.checksum", "sha256:<64")
 	})
 
-	t.Run("providerID is immutable once set", func(t *testing.T) {
+	t.Run("providerID is immutable once provisioned", func(t *testing.T) {
 		m := validMachine(ns)
 		m.Name = "pid"
 		m.Spec.ProviderID = ptr.To("anvil://" + ns + "/node01")
@@ -305,8 +305,19 @@ func TestMachineValidation(t *testing.T) {
 			t.Errorf("defaults not applied: wipePolicy=%q format=%q layout=%q",
 				m.Spec.WipePolicy, m.Spec.Image.Format, m.Spec.Image.Layout)
 		}
+		// Before the machine is provisioned a claim that lost its host may name another.
 		m.Spec.ProviderID = ptr.To("anvil://" + ns + "/node02")
-		expectRejected(t, env.Client.Update(ctx, m), "spec.providerID", "cannot change once set")
+		if err := env.Client.Update(ctx, m); err != nil {
+			t.Fatalf("changing the providerID of a machine not yet provisioned: %v", err)
+		}
+		m.Status.Initialization.Provisioned = ptr.To(true)
+		if err := env.Client.Status().Update(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		m.Spec.ProviderID = ptr.To("anvil://" + ns + "/node03")
+		expectRejected(t, env.Client.Update(ctx, m), "spec.providerID", "cannot change or go once the machine is provisioned")
+		m.Spec.ProviderID = nil
+		expectRejected(t, env.Client.Update(ctx, m), "spec.providerID", "cannot change or go once the machine is provisioned")
 	})
 }
 
