@@ -505,6 +505,10 @@ func (r *AnvilMachineReconciler) claimHost(ctx context.Context, cluster *cluster
 	if err := r.Client.Update(ctx, host); err != nil {
 		if apierrors.IsConflict(err) {
 			r.claims.refused(key, am.UID, chosenVersion)
+			// The providerID went out naming this host: it must not stay on a machine that
+			// waits (the patch at the end of the reconcile takes it back; the next claim may
+			// set another).
+			am.Spec.ProviderID = nil
 			// Someone else changed the host first: choose again soon, with jitter so racing
 			// machines spread out.
 			return nil, ctrl.Result{RequeueAfter: time.Duration(50+rand.IntN(200)) * time.Millisecond}, nil //nolint:gosec // jitter

@@ -196,6 +196,9 @@ func TestRacingMachinesNeverShareAHost(t *testing.T) {
 		if c := conditions.Get(m, ConditionHostClaimed); c == nil || !strings.Contains(c.Message, "1 are claimed by other machines") {
 			t.Errorf("loser %s: condition %+v", m.Name, c)
 		}
+		if m.Spec.ProviderID != nil {
+			t.Errorf("loser %s names a host it does not hold: providerID %s", m.Name, *m.Spec.ProviderID)
+		}
 	}
 	if winners != 1 {
 		t.Fatalf("%d machines provisioned on one host", winners)

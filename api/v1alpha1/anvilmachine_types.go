@@ -37,7 +37,7 @@ type AnvilMachineSpec struct {
 	// providerID is anvil://<namespace>/<host>, set as the machine claims its host (with the
 	// finalizer, in the write before the claim). It cannot change once the machine is
 	// provisioned, which is when Cluster API copies it to the Machine; until then a claim that
-	// loses a race for one host may move it to another.
+	// loses a race for one host takes it back or moves it to another.
 	// +optional
 	// +kubebuilder:validation:MaxLength=512
 	// +kubebuilder:validation:XValidation:rule="self.startsWith('anvil://')",message="must have the form anvil://<namespace>/<host>"
@@ -120,7 +120,7 @@ type MachineHostReference struct {
 // +kubebuilder:object:root=true
 // +kubebuilder:resource:path=anvilmachines,scope=Namespaced,categories=cluster-api;anvil,shortName=am
 // +kubebuilder:subresource:status
-// +kubebuilder:validation:XValidation:rule="!has(oldSelf.spec.providerID) || has(self.spec.providerID) && (self.spec.providerID == oldSelf.spec.providerID || !(has(oldSelf.status) && has(oldSelf.status.initialization) && has(oldSelf.status.initialization.provisioned) && oldSelf.status.initialization.provisioned))",message="providerID cannot change or go once the machine is provisioned",fieldPath=".spec.providerID"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.spec.providerID) || !(has(oldSelf.status) && has(oldSelf.status.initialization) && has(oldSelf.status.initialization.provisioned) && oldSelf.status.initialization.provisioned) || has(self.spec.providerID) && self.spec.providerID == oldSelf.spec.providerID",message="providerID cannot change or go once the machine is provisioned",fieldPath=".spec.providerID"
 // +kubebuilder:metadata:labels="cluster.x-k8s.io/v1beta2=v1alpha1"
 // +kubebuilder:printcolumn:name="Cluster",type="string",JSONPath=".metadata.labels['cluster\\.x-k8s\\.io/cluster-name']",description="Cluster"
 // +kubebuilder:printcolumn:name="Host",type="string",JSONPath=".status.hostRef.name",description="AnvilHost"

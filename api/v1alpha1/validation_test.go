@@ -310,6 +310,15 @@ func TestMachineValidation(t *testing.T) {
 		if err := env.Client.Update(ctx, m); err != nil {
 			t.Fatalf("changing the providerID of a machine not yet provisioned: %v", err)
 		}
+		// ... or give it back.
+		m.Spec.ProviderID = nil
+		if err := env.Client.Update(ctx, m); err != nil {
+			t.Fatalf("removing the providerID of a machine not yet provisioned: %v", err)
+		}
+		m.Spec.ProviderID = ptr.To("anvil://" + ns + "/node02")
+		if err := env.Client.Update(ctx, m); err != nil {
+			t.Fatal(err)
+		}
 		m.Status.Initialization.Provisioned = ptr.To(true)
 		if err := env.Client.Status().Update(ctx, m); err != nil {
 			t.Fatal(err)
