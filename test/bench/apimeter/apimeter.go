@@ -65,6 +65,27 @@ func Resource(path string) (resource, name string) {
 	return resource, name
 }
 
+// Observe is a transport wrapper (for rest.Config.Wrap) that calls seen with every request
+// and its response (nil when the transport failed) as the response arrives: how the benchmarks
+// count the requests of a client they hold the configuration of.
+func Observe(seen func(*http.Request, *http.Response)) func(http.RoundTripper) http.RoundTripper {
+	return func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+			resp, err := rt.RoundTrip(r)
+			if err != nil {
+				seen(r, nil)
+				return resp, err
+			}
+			seen(r, resp)
+			return resp, nil
+		})
+	}
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
 // MachineBusySeconds is the CPU time every process on the machine has used since boot (all
 // but idle and iowait), from /proc/stat: compared with a benchmark's own processes it shows
 // how much of the machine other work took during the run. 0 when /proc/stat is unreadable.

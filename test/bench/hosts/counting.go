@@ -1,6 +1,7 @@
 package main
 
 import (
+	"maps"
 	"net/http"
 	"sort"
 	"strconv"
@@ -27,33 +28,23 @@ func newAPICounter(leaderLease string) *apiCounter {
 
 // wrap is a transport.WrapperFunc for rest.Config.Wrap.
 func (c *apiCounter) wrap(rt http.RoundTripper) http.RoundTripper {
-	return roundTripperFunc(func(req *http.Request) (*http.Response, error) {
-		resp, err := rt.RoundTrip(req)
+	return apimeter.Observe(func(req *http.Request, resp *http.Response) {
 		code := "err"
-		if err == nil {
+		if resp != nil {
 			code = strconv.Itoa(resp.StatusCode)
 		}
 		key := apiKey{Verb: apimeter.Verb(req), Resource: c.resourceOf(req.URL.Path), Code: code}.String()
 		c.mu.Lock()
 		c.counts[key]++
 		c.mu.Unlock()
-		return resp, err
-	})
+	})(rt)
 }
 
 func (c *apiCounter) snapshot() map[string]int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make(map[string]int64, len(c.counts))
-	for k, v := range c.counts {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(c.counts)
 }
-
-type roundTripperFunc func(*http.Request) (*http.Response, error)
-
-func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // apiKey is one counted kind of request, e.g. PATCH anvilhosts/status 200.
 type apiKey struct {

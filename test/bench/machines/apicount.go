@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"strconv"
 	"strings"
@@ -145,39 +146,27 @@ type benchCounter struct {
 // wrap returns cfg with every request counted.
 func (b *benchCounter) wrap(cfg *rest.Config) *rest.Config {
 	out := rest.CopyConfig(cfg)
-	out.Wrap(func(rt http.RoundTripper) http.RoundTripper {
-		return roundTripFunc(func(r *http.Request) (*http.Response, error) {
-			resp, err := rt.RoundTrip(r)
-			resource, _ := apimeter.Resource(r.URL.Path)
-			k := apiKey{Verb: apimeter.Verb(r), Resource: resource}
-			if resp != nil {
-				k.Code = resp.StatusCode
-			}
-			b.mu.Lock()
-			if b.counts == nil {
-				b.counts = apiCounts{}
-			}
-			b.counts[k]++
-			b.mu.Unlock()
-			return resp, err
-		})
-	})
+	out.Wrap(apimeter.Observe(func(r *http.Request, resp *http.Response) {
+		resource, _ := apimeter.Resource(r.URL.Path)
+		k := apiKey{Verb: apimeter.Verb(r), Resource: resource}
+		if resp != nil {
+			k.Code = resp.StatusCode
+		}
+		b.mu.Lock()
+		if b.counts == nil {
+			b.counts = apiCounts{}
+		}
+		b.counts[k]++
+		b.mu.Unlock()
+	}))
 	return out
 }
 
 func (b *benchCounter) snapshot() apiCounts {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	out := make(apiCounts, len(b.counts))
-	for k, v := range b.counts {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(b.counts)
 }
-
-type roundTripFunc func(*http.Request) (*http.Response, error)
-
-func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // managerMeter takes snapshots of the manager's requests: the API server's counts less the
 // benchmark's.
