@@ -1,6 +1,9 @@
 package main
 
-import "sort"
+import (
+	"cmp"
+	"slices"
+)
 
 // apiKey is one kind of request, e.g. PATCH anvilhosts/status 200.
 type apiKey struct {
@@ -91,11 +94,7 @@ func (c apiCounts) writeRows() []writeRow {
 	for _, r := range by {
 		rows = append(rows, *r)
 	}
-	sort.Slice(rows, func(i, j int) bool {
-		if rows[i].Count != rows[j].Count {
-			return rows[i].Count > rows[j].Count
-		}
-		return rows[i].Name < rows[j].Name
-	})
+	// Most first, then by name.
+	slices.SortFunc(rows, func(a, b writeRow) int { return cmp.Or(cmp.Compare(b.Count, a.Count), cmp.Compare(a.Name, b.Name)) })
 	return rows
 }
