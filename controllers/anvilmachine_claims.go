@@ -202,35 +202,17 @@ func (w *machineWrites) forget(key types.NamespacedName) {
 // only writer of the machine's status and conditions, so, unlike Cluster API's patch helper,
 // conditions need no patch of their own: a claim costs one status write, not two.
 func patchMachine(ctx context.Context, c client.Client, before, am *infrav1.AnvilMachine) (wrote bool, err error) {
-	status := am.Status.DeepCopy()
-	if !equality.Semantic.DeepEqual(before.ObjectMeta, am.ObjectMeta) || !equality.Semantic.DeepEqual(before.Spec, am.Spec) {
-		var opts []client.MergeFromOption
-		if !equality.Semantic.DeepEqual(before.Finalizers, am.Finalizers) {
-			opts = append(opts, client.MergeFromWithOptimisticLock{})
+	wrote, err = patchMachineSpec(ctx, c, before, am)
+	if err != nil {
+		if len(am.Finalizers) == 0 && !am.DeletionTimestamp.IsZero() {
+			return false, client.IgnoreNotFound(err) // the last finalizer went: the object is gone
 		}
-		am.Status = *before.Status.DeepCopy() // status is a subresource: it goes next
-		err := c.Patch(ctx, am, client.MergeFromWithOptions(before, opts...))
-		am.Status = *status // the response carries the stored status; ours is still to be written
-		if err != nil {
-			if len(am.Finalizers) == 0 && !am.DeletionTimestamp.IsZero() {
-				return false, client.IgnoreNotFound(err) // the last finalizer went: the object is gone
-			}
-			return false, fmt.Errorf("patching AnvilMachine %s: %w", am.Name, err)
-		}
-		wrote = true
-		// A spec change (the providerID) bumped the generation: the status being written
-		// describes the new one, so its conditions say so rather than waiting for a rewrite.
-		for i := range status.Conditions {
-			if status.Conditions[i].ObservedGeneration == before.Generation {
-				status.Conditions[i].ObservedGeneration = am.Generation
-			}
-		}
-		am.Status = *status
+		return false, fmt.Errorf("patching AnvilMachine %s: %w", am.Name, err)
 	}
 	if !am.DeletionTimestamp.IsZero() && len(am.Finalizers) == 0 {
 		return wrote, nil // nothing left to write status to
 	}
-	if !equality.Semantic.DeepEqual(before.Status, *status) {
+	if !equality.Semantic.DeepEqual(before.Status, am.Status) {
 		base := am.DeepCopy()
 		base.Status = before.Status
 		if err := c.Status().Patch(ctx, am, client.MergeFrom(base)); err != nil {
@@ -239,4 +221,33 @@ func patchMachine(ctx context.Context, c client.Client, before, am *infrav1.Anvi
 		wrote = true
 	}
 	return wrote, nil
+}
+
+// patchMachineSpec writes a machine's metadata and spec if they changed, in one merge patch
+// (optimistically locked when the finalizers change, so a concurrent writer's finalizer is
+// never dropped), and reports whether it wrote. am keeps the status it had: status is a
+// subresource, written next.
+func patchMachineSpec(ctx context.Context, c client.Client, before, am *infrav1.AnvilMachine) (bool, error) {
+	if equality.Semantic.DeepEqual(before.ObjectMeta, am.ObjectMeta) && equality.Semantic.DeepEqual(before.Spec, am.Spec) {
+		return false, nil
+	}
+	var opts []client.MergeFromOption
+	if !equality.Semantic.DeepEqual(before.Finalizers, am.Finalizers) {
+		opts = append(opts, client.MergeFromWithOptimisticLock{})
+	}
+	status := am.Status.DeepCopy()
+	am.Status = *before.Status.DeepCopy()
+	err := c.Patch(ctx, am, client.MergeFromWithOptions(before, opts...))
+	am.Status = *status // the response carries the stored status; ours is still to be written
+	if err != nil {
+		return false, err
+	}
+	// A spec change (the providerID) bumped the generation: the status being written
+	// describes the new one, so its conditions say so rather than waiting for a rewrite.
+	for i := range am.Status.Conditions {
+		if am.Status.Conditions[i].ObservedGeneration == before.Generation {
+			am.Status.Conditions[i].ObservedGeneration = am.Generation
+		}
+	}
+	return true, nil
 }

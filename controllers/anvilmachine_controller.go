@@ -284,41 +284,27 @@ func (r *AnvilMachineReconciler) Reconcile(ctx context.Context, req ctrl.Request
 	if !am.DeletionTimestamp.IsZero() {
 		return r.reconcileDelete(ctx, cluster.Name, am)
 	}
-	// The finalizer is persisted before any claim (with the providerID of the host about to
-	// be claimed, in one write: see persistClaimIntent), so no machine can vanish without
-	// releasing its host. A machine that had no finalizer (nor a providerID, as a machine
-	// restored without its finalizers would have) has therefore never claimed a host.
+	// The finalizer is persisted before any claim, with the providerID of the host about to
+	// be claimed in the same write (rather than in one of its own once the host is
+	// provisioned), so no machine can vanish without releasing its host. A machine that had
+	// no finalizer (nor a providerID, as a machine restored without its finalizers would
+	// have) has therefore never claimed a host. Status waits for the patch on return.
 	neverClaimed := controllerutil.AddFinalizer(am, infrav1.MachineFinalizer) && am.Spec.ProviderID == nil
 	intent := func(providerID string) error {
 		am.Spec.ProviderID = &providerID
-		if equality.Semantic.DeepEqual(before.ObjectMeta, am.ObjectMeta) && equality.Semantic.DeepEqual(before.Spec, am.Spec) {
-			return nil
-		}
-		if err := persistClaimIntent(ctx, r.Client, before, am); err != nil {
-			return err
-		}
-		r.writes.remember(req.NamespacedName, am.ResourceVersion)
 		stored := before.Status
-		before = am.DeepCopy()
-		before.Status = stored
+		wrote, err := patchMachineSpec(ctx, r.Client, before, am)
+		if err != nil {
+			return fmt.Errorf("patching AnvilMachine %s before claiming a host: %w", am.Name, err)
+		}
+		if wrote {
+			r.writes.remember(req.NamespacedName, am.ResourceVersion)
+			before = am.DeepCopy()
+			before.Status = stored
+		}
 		return nil
 	}
 	return r.reconcileNormal(ctx, cluster, machine, am, neverClaimed, intent)
-}
-
-// persistClaimIntent writes a machine's metadata and spec (its finalizer and the providerID of
-// the host it is about to claim) ahead of the claim, with the resourceVersion read, and leaves
-// its status to the patch at the end of the reconcile. The providerID rides on the finalizer's
-// write rather than costing one of its own once the host is provisioned.
-func persistClaimIntent(ctx context.Context, c client.Client, before, am *infrav1.AnvilMachine) error {
-	status := am.Status.DeepCopy()
-	am.Status = *before.Status.DeepCopy()
-	err := c.Patch(ctx, am, client.MergeFromWithOptions(before, client.MergeFromWithOptimisticLock{}))
-	am.Status = *status // the response carried the stored status; ours is still to be written
-	if err != nil {
-		return fmt.Errorf("patching AnvilMachine %s before claiming a host: %w", am.Name, err)
-	}
-	return nil
 }
 
 // setNotPaused records that the machine is reconciled (the pause path writes Paused=True).

@@ -74,10 +74,10 @@ func Observe(seen func(*http.Request, *http.Response)) func(http.RoundTripper) h
 			resp, err := rt.RoundTrip(r)
 			if err != nil {
 				seen(r, nil)
-				return resp, err
+			} else {
+				seen(r, resp)
 			}
-			seen(r, resp)
-			return resp, nil
+			return resp, err
 		})
 	}
 }

@@ -299,29 +299,25 @@ func measureObjects(ctx context.Context, c client.Client, res *Result, dir strin
 	if err := c.List(ctx, machines, client.InNamespace(benchNamespace)); err != nil {
 		return err
 	}
-	objs := func(n int, at func(int) client.Object) []client.Object {
-		out := make([]client.Object, n)
-		for i := range out {
-			out[i] = at(i)
-		}
-		return out
-	}
 	var err error
-	res.HostBytes, res.HostManagedFieldsBytes, err = meanSizes(objs(len(hosts.Items), func(i int) client.Object { return &hosts.Items[i] }),
+	res.HostBytes, res.HostManagedFieldsBytes, err = meanSizes(len(hosts.Items), func(i int) client.Object { return &hosts.Items[i] },
 		filepath.Join(dir, "host-sample.json"), res.Config.Dir != "")
 	if err != nil {
 		return err
 	}
-	res.MachineBytes, res.MachineManagedFieldsBytes, err = meanSizes(objs(len(machines.Items), func(i int) client.Object { return &machines.Items[i] }),
+	res.MachineBytes, res.MachineManagedFieldsBytes, err = meanSizes(len(machines.Items), func(i int) client.Object { return &machines.Items[i] },
 		filepath.Join(dir, "machine-sample.json"), res.Config.Dir != "")
 	return err
 }
 
-func meanSizes(objs []client.Object, samplePath string, writeSample bool) (total, managedFields int, err error) {
-	if len(objs) == 0 {
+// meanSizes is the mean JSON size of n objects and of their managedFields; with writeSample
+// the first goes to samplePath.
+func meanSizes(n int, object func(int) client.Object, samplePath string, writeSample bool) (total, managedFields int, err error) {
+	if n == 0 {
 		return 0, 0, nil
 	}
-	for i, o := range objs {
+	for i := range n {
+		o := object(i)
 		raw, err := json.Marshal(o)
 		if err != nil {
 			return 0, 0, err
@@ -338,7 +334,7 @@ func meanSizes(objs []client.Object, samplePath string, writeSample bool) (total
 			}
 		}
 	}
-	return total / len(objs), managedFields / len(objs), nil
+	return total / n, managedFields / n, nil
 }
 
 // startManager runs cmd/manager as deployed, with the simulated provisioner, against the
