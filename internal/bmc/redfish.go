@@ -2,7 +2,9 @@ package bmc
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -84,14 +86,29 @@ func (c *redfishClient) system() (*redfish.ComputerSystem, error) {
 	return redfish.GetComputerSystem(c.api, c.systemPath)
 }
 
+// maxSystemBytes bounds a ComputerSystem read for its power state (real ones are a few KiB).
+const maxSystemBytes = 1 << 20
+
+// PowerState reads the system's PowerState alone. It is the steady-state poll of every host,
+// so it does not decode the whole ComputerSystem through gofish (which also keeps a raw copy
+// for later updates) only to look at one property.
 func (c *redfishClient) PowerState(ctx context.Context) (infrav1.PowerState, error) {
 	power := infrav1.PowerUnknown
 	err := c.call(ctx, func() error {
-		sys, err := c.system()
+		resp, err := c.api.Get(c.systemPath)
 		if err != nil {
 			return err
 		}
-		power = NormalizePowerState(string(sys.PowerState))
+		defer resp.Body.Close()
+		raw, err := io.ReadAll(io.LimitReader(resp.Body, maxSystemBytes))
+		if err != nil {
+			return err
+		}
+		var sys struct{ PowerState string }
+		if err := json.Unmarshal(raw, &sys); err != nil {
+			return fmt.Errorf("%w: %s is not a ComputerSystem: %v", ErrBMC, c.systemPath, err)
+		}
+		power = NormalizePowerState(sys.PowerState)
 		return nil
 	})
 	return power, err

@@ -52,6 +52,9 @@ func TestRedfishPowerBootAndInventory(t *testing.T) {
 	}
 	defer func() { _ = c.Close(ctx) }()
 
+	if p, err := c.PowerState(ctx); err != nil || p != infrav1.PowerOff {
+		t.Fatalf("power %s, %v; want off as the emulated server starts", p, err)
+	}
 	if err := c.SetPower(ctx, PowerActionOn); err != nil {
 		t.Fatal(err)
 	}

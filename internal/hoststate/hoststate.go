@@ -411,7 +411,10 @@ func (s *step) provisioning() stepResult {
 		h.Annotations = map[string]string{}
 	}
 	h.Annotations[infrav1.ProvisionedForAnnotation] = h.Spec.Claim.ProvisionedFor()
+	// The install ended with the server booted into its OS: its power is known this moment,
+	// so the next poll is a full period from now, not from the last poll before the install.
 	h.Status.Power = infrav1.PowerOn
+	s.res.PowerSynced = true
 	return stepResult{next: infrav1.HostStateProvisioned, requeueAfter: s.powerSyncInterval()}
 }
 

@@ -213,8 +213,18 @@ func TestProvisionReleaseAndRetire(t *testing.T) {
 	if h.Status.State != infrav1.HostStateProvisioned || fh.BMC.Boot != bmc.BootPXE || h.Status.BootSlots.Active != infrav1.SlotA {
 		t.Fatalf("state %s boot %s slots %+v", h.Status.State, fh.BMC.Boot, h.Status.BootSlots)
 	}
+	// The install left the server on, and says so: the next power poll is a full period
+	// away, however long ago the last one was.
+	fh.lastSync = time.Now().Add(-2 * time.Hour)
+	provisioned := h.DeepCopy()
+	provisioned.Status.State = infrav1.HostStateProvisioning
+	r := m.Step(context.Background(), Input{Host: provisioned, Target: fh.Target, LastPowerSync: fh.lastSync})
+	if provisioned.Status.State != infrav1.HostStateProvisioned || !r.PowerSynced || provisioned.Status.Power != infrav1.PowerOn {
+		t.Fatalf("finishing an install: state %s, power %s, power synced %v; want Provisioned, On, true",
+			provisioned.Status.State, provisioned.Status.Power, r.PowerSynced)
+	}
 	h.Spec.Claim.Released = true
-	r := fh.step(m)
+	r = fh.step(m)
 	if h.Status.State != infrav1.HostStateAvailable || !r.ReleaseClaim || h.Status.BootSlots != nil {
 		t.Fatalf("after release: state %s releaseClaim %v", h.Status.State, r.ReleaseClaim)
 	}
