@@ -613,6 +613,37 @@ func TestTLSVerifiesWithTheServerCA(t *testing.T) {
 	}
 }
 
+// A Go client offers X25519MLKEM768 first; the emulated BMC answers with X25519, as BMC
+// firmware does, and still with P-256 to a client that offers nothing else.
+func TestTLSKeyExchangeIsWhatBMCFirmwareOffers(t *testing.T) {
+	s, b := startBMC(t, ServerOptions{TLS: true}, BMCOptions{})
+	addr := strings.TrimPrefix(b.URL(), "https://")
+	for _, tc := range []struct {
+		offer []tls.CurveID
+		want  tls.CurveID
+	}{
+		{offer: nil, want: tls.X25519},
+		{offer: []tls.CurveID{tls.X25519MLKEM768}, want: 0},
+		{offer: []tls.CurveID{tls.CurveP256}, want: tls.CurveP256},
+	} {
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: s.CertPool(), ServerName: "127.0.0.1", CurvePreferences: tc.offer})
+		if tc.want == 0 {
+			if err == nil {
+				conn.Close()
+				t.Errorf("offering only %v: handshake succeeded, want it refused", tc.offer)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("offering %v: %v", tc.offer, err)
+		}
+		if got := conn.ConnectionState().CurveID; got != tc.want {
+			t.Errorf("offering %v: negotiated %v, want %v", tc.offer, got, tc.want)
+		}
+		conn.Close()
+	}
+}
+
 func TestCloseRefusesConnections(t *testing.T) {
 	s, b := startBMC(t, ServerOptions{}, BMCOptions{})
 	c := newClient(t, s, b)
