@@ -106,7 +106,7 @@ func (c *redfishClient) PowerState(ctx context.Context) (infrav1.PowerState, err
 		}
 		var sys struct{ PowerState string }
 		if err := json.Unmarshal(raw, &sys); err != nil {
-			return fmt.Errorf("%w: %s is not a ComputerSystem: %v", ErrBMC, c.systemPath, err)
+			return fmt.Errorf("%w: %s is not a ComputerSystem: %w", ErrBMC, c.systemPath, err)
 		}
 		power = NormalizePowerState(sys.PowerState)
 		return nil
