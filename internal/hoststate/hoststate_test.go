@@ -215,10 +215,9 @@ func TestProvisionReleaseAndRetire(t *testing.T) {
 	}
 	// The install left the server on, and says so: the next power poll is a full period
 	// away, however long ago the last one was.
-	fh.lastSync = time.Now().Add(-2 * time.Hour)
 	provisioned := h.DeepCopy()
 	provisioned.Status.State = infrav1.HostStateProvisioning
-	r := m.Step(context.Background(), Input{Host: provisioned, Target: fh.Target, LastPowerSync: fh.lastSync})
+	r := m.Step(context.Background(), Input{Host: provisioned, Target: fh.Target, LastPowerSync: time.Now().Add(-2 * time.Hour)})
 	if provisioned.Status.State != infrav1.HostStateProvisioned || !r.PowerSynced || provisioned.Status.Power != infrav1.PowerOn {
 		t.Fatalf("finishing an install: state %s, power %s, power synced %v; want Provisioned, On, true",
 			provisioned.Status.State, provisioned.Status.Power, r.PowerSynced)

@@ -61,12 +61,6 @@ type Server struct {
 
 type bmcContextKey struct{}
 
-// bmcFirmwareCurves are the key exchanges BMC firmware negotiates today (OpenSSL builds
-// without ML-KEM): an emulated BMC answers a client's post-quantum hybrid key share with
-// X25519, as a real one does, rather than with Go's default X25519MLKEM768. The emulator
-// stands in for hardware, and its CPU is taken from whatever it is tested with.
-var bmcFirmwareCurves = []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384}
-
 // NewServer returns a Server with no BMCs.
 func NewServer(opts ServerOptions) (*Server, error) {
 	s := &Server{trees: make(map[treeKey]*tree), bmcs: make(map[*BMC]struct{})}
@@ -78,8 +72,12 @@ func NewServer(opts ServerOptions) (*Server, error) {
 		s.caPEM = caPEM
 		s.caPool = x509.NewCertPool()
 		s.caPool.AppendCertsFromPEM(caPEM)
+		// The key exchanges BMC firmware negotiates today (OpenSSL builds without ML-KEM): an
+		// emulated BMC answers a client's post-quantum hybrid key share with X25519, as a real
+		// one does, rather than with Go's default X25519MLKEM768. The emulator stands in for
+		// hardware, and its CPU is taken from whatever it is tested with.
 		s.tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12,
-			CurvePreferences: bmcFirmwareCurves}
+			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384}}
 	}
 	errorLog := opts.ErrorLog
 	if errorLog == nil {

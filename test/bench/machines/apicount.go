@@ -1,16 +1,18 @@
 package main
 
 import (
-	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"maps"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -28,7 +30,7 @@ type apiServerMetrics struct {
 	counts apiCounts
 	// seconds and requests are the duration histogram's sum and count by "VERB resource".
 	seconds  map[string]float64
-	requests map[string]int64
+	requests map[string]uint64
 }
 
 // scrapeAPIServer reads the API server's request metrics with the admin configuration.
@@ -41,30 +43,45 @@ func scrapeAPIServer(ctx context.Context, admin *rest.Config) (*apiServerMetrics
 	if err != nil {
 		return nil, fmt.Errorf("reading the API server's /metrics: %w", err)
 	}
-	m := &apiServerMetrics{counts: apiCounts{}, seconds: map[string]float64{}, requests: map[string]int64{}}
-	sc := bufio.NewScanner(strings.NewReader(string(raw)))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		name, labels, value, ok := parseSample(sc.Text())
-		if !ok {
-			continue
-		}
+	return parseRequestMetrics(raw)
+}
+
+// parseRequestMetrics takes the request counter and the request duration histogram out of
+// the API server's metrics (Prometheus' text format).
+func parseRequestMetrics(raw []byte) (*apiServerMetrics, error) {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(raw))
+	if err != nil {
+		return nil, fmt.Errorf("parsing the API server's /metrics: %w", err)
+	}
+	m := &apiServerMetrics{counts: apiCounts{}, seconds: map[string]float64{}, requests: map[string]uint64{}}
+	for _, sample := range families["apiserver_request_total"].GetMetric() {
+		labels := labelsOf(sample)
 		key, counted := requestKey(labels)
 		if !counted {
 			continue
 		}
-		switch name {
-		case "apiserver_request_total":
-			code, _ := strconv.Atoi(labels["code"])
-			key.Code = code
-			m.counts[key] += int64(value)
-		case "apiserver_request_duration_seconds_sum":
-			m.seconds[key.Verb+" "+key.Resource] += value
-		case "apiserver_request_duration_seconds_count":
-			m.requests[key.Verb+" "+key.Resource] += int64(value)
-		}
+		key.Code, _ = strconv.Atoi(labels["code"])
+		m.counts[key] += int64(sample.GetCounter().GetValue())
 	}
-	return m, sc.Err()
+	for _, sample := range families["apiserver_request_duration_seconds"].GetMetric() {
+		key, counted := requestKey(labelsOf(sample))
+		if !counted {
+			continue
+		}
+		h := sample.GetHistogram()
+		m.seconds[key.Verb+" "+key.Resource] += h.GetSampleSum()
+		m.requests[key.Verb+" "+key.Resource] += h.GetSampleCount()
+	}
+	return m, nil
+}
+
+func labelsOf(sample *dto.Metric) map[string]string {
+	labels := make(map[string]string, len(sample.GetLabel()))
+	for _, l := range sample.GetLabel() {
+		labels[l.GetName()] = l.GetValue()
+	}
+	return labels
 }
 
 // requestKey names a request as apimeter does (verb; resource[/subresource]). Requests for
@@ -95,46 +112,6 @@ func requestKey(labels map[string]string) (apiKey, bool) {
 		verb = "WATCH"
 	}
 	return apiKey{Verb: verb, Resource: resource}, true
-}
-
-// parseSample parses one line of Prometheus' text format: name{k="v",...} value.
-func parseSample(line string) (name string, labels map[string]string, value float64, ok bool) {
-	if line == "" || line[0] == '#' {
-		return "", nil, 0, false
-	}
-	open := strings.IndexByte(line, '{')
-	if open < 0 {
-		return "", nil, 0, false
-	}
-	name = line[:open]
-	labels = map[string]string{}
-	i := open + 1
-	for i < len(line) && line[i] != '}' {
-		eq := strings.IndexByte(line[i:], '=')
-		if eq < 0 || i+eq+1 >= len(line) || line[i+eq+1] != '"' {
-			return "", nil, 0, false
-		}
-		key := line[i : i+eq]
-		i += eq + 2
-		var v strings.Builder
-		for i < len(line) && line[i] != '"' {
-			if line[i] == '\\' && i+1 < len(line) {
-				i++
-			}
-			v.WriteByte(line[i])
-			i++
-		}
-		labels[key] = v.String()
-		i++ // closing quote
-		if i < len(line) && line[i] == ',' {
-			i++
-		}
-	}
-	if i >= len(line) {
-		return "", nil, 0, false
-	}
-	value, err := strconv.ParseFloat(strings.TrimSpace(line[i+1:]), 64)
-	return name, labels, value, err == nil
 }
 
 // benchCounter counts the benchmark's own requests, to be taken off the API server's counts.
@@ -183,10 +160,7 @@ func (m *managerMeter) snapshot(ctx context.Context) (apiCounts, error) {
 		return nil, err
 	}
 	m.last = s
-	out := apiCounts{}
-	for k, v := range s.counts {
-		out[k] = v
-	}
+	out := maps.Clone(s.counts)
 	for k, v := range m.bench.snapshot() {
 		if _, counted := out[k]; counted {
 			out[k] -= v

@@ -92,25 +92,25 @@ func TestBenchmarkSmall(t *testing.T) {
 	t.Log(out.String())
 }
 
-func TestParseSample(t *testing.T) {
-	name, labels, v, ok := parseSample(`apiserver_request_total{code="201",component="apiserver",group="",resource="events",subresource="",verb="POST",version="v1"} 42`)
-	if !ok || name != "apiserver_request_total" || v != 42 || labels["code"] != "201" || labels["resource"] != "events" || labels["subresource"] != "" {
-		t.Fatalf("parsed %q %v %v %v", name, labels, v, ok)
+func TestParseRequestMetrics(t *testing.T) {
+	m, err := parseRequestMetrics([]byte(`# TYPE apiserver_request_total counter
+apiserver_request_total{code="201",component="apiserver",group="",resource="events",subresource="",verb="POST",version="v1"} 42
+apiserver_request_total{code="200",group="coordination.k8s.io",resource="leases",verb="PUT"} 3
+# TYPE apiserver_request_duration_seconds histogram
+apiserver_request_duration_seconds_bucket{group="infrastructure.cluster.x-k8s.io",resource="anvilhosts",subresource="status",verb="PATCH",msg="a \"quoted\" value",le="+Inf"} 3
+apiserver_request_duration_seconds_sum{group="infrastructure.cluster.x-k8s.io",resource="anvilhosts",subresource="status",verb="PATCH",msg="a \"quoted\" value"} 1.5e+01
+apiserver_request_duration_seconds_count{group="infrastructure.cluster.x-k8s.io",resource="anvilhosts",subresource="status",verb="PATCH",msg="a \"quoted\" value"} 3
+`))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if k, counted := requestKey(labels); !counted || k.Verb != "CREATE" || k.Resource != "events" {
-		t.Fatalf("key %+v %v", k, counted)
+	if n := m.counts[apiKey{Verb: "CREATE", Resource: "events", Code: 201}]; n != 42 || len(m.counts) != 1 {
+		t.Fatalf("counts %v: want 42 CREATE events 201 and the API server's own leases not counted", m.counts)
 	}
-	_, labels, _, _ = parseSample(`apiserver_request_duration_seconds_sum{group="infrastructure.cluster.x-k8s.io",resource="anvilhosts",subresource="status",verb="PATCH",msg="a \"quoted\" value"} 1.5e+01`)
-	if k, _ := requestKey(labels); k.Resource != "anvilhosts/status" || labels["msg"] != `a "quoted" value` {
-		t.Fatalf("key %+v labels %v", k, labels)
+	if s, n := m.seconds["PATCH anvilhosts/status"], m.requests["PATCH anvilhosts/status"]; s != 15 || n != 3 {
+		t.Fatalf("PATCH anvilhosts/status: %v s over %d requests, want 15 s over 3", s, n)
 	}
-	for _, line := range []string{"# HELP x", "", "no_labels 1", `broken{a="b" 1`} {
-		if _, _, _, ok := parseSample(line); ok {
-			t.Errorf("%q parsed", line)
-		}
-	}
-	_, labels, _, _ = parseSample(`apiserver_request_total{group="coordination.k8s.io",resource="leases",verb="PUT",code="200"} 3`)
-	if _, counted := requestKey(labels); counted {
-		t.Error("the API server's own leases counted")
+	if _, err := parseRequestMetrics([]byte(`broken{a="b" 1`)); err == nil {
+		t.Error("a malformed line parsed")
 	}
 }
